@@ -1,0 +1,123 @@
+"""Sphinx extension for the book: execution environment, cache freshness, claims ledger page.
+
+1. Sets the environment the notebook kernels inherit: ``DEPTHLAB_LEDGER`` (where claim checks
+   are logged), ``DEPTHLAB_STATIC`` (explorers draw a static figure: the website has no
+   kernel) and ``DEPTHLAB_QUIET`` (no progress bars in the pages).
+2. Keeps the execution cache honest. Jupyter-cache hashes only the code cells, so a change in
+   ``lib/depthlab`` would leave pages computed by the old library. We store a hash of the
+   library's source beside the cache and clear the cache when it differs.
+3. Provides the ``claims-ledger`` directive, and makes the page that uses it be read after
+   every chapter (so the chapters have run and logged their claims) and re-read on every build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from docutils import nodes
+from sphinx.util.docutils import SphinxDirective
+
+LEDGER_DOCNAME = "claims_ledger"
+
+
+def library_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted((root / "lib" / "depthlab").rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _ledger_path(app) -> Path:
+    return Path(app.outdir).parent / "claims" / "ledger.json"
+
+
+def on_config_inited(app, config) -> None:
+    root = Path(app.srcdir)
+    ledger = _ledger_path(app)
+    os.environ["DEPTHLAB_LEDGER"] = str(ledger)
+    os.environ["DEPTHLAB_STATIC"] = "1"
+    os.environ["DEPTHLAB_QUIET"] = "1"
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+
+    cache = Path(config.nb_execution_cache_path or Path(app.outdir).parent / ".jupyter_cache")
+    if not cache.is_absolute():
+        cache = root / cache
+    stamp = cache.parent / "depthlab-library.sha256"
+    current = library_hash(root)
+    if not stamp.exists() or stamp.read_text().strip() != current:
+        # The library changed since the cached pages were computed: run everything again.
+        shutil.rmtree(cache, ignore_errors=True)
+        if ledger.exists():
+            ledger.unlink()
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(current)
+
+
+def on_env_before_read_docs(app, env, docnames: list[str]) -> None:
+    if LEDGER_DOCNAME in docnames:                 # read the ledger page last
+        docnames.remove(LEDGER_DOCNAME)
+        docnames.append(LEDGER_DOCNAME)
+
+
+def on_env_get_outdated(app, env, added, changed, removed) -> list[str]:
+    return [LEDGER_DOCNAME] if LEDGER_DOCNAME in env.found_docs else []
+
+
+class ClaimsLedger(SphinxDirective):
+    """Renders every claim in the ledger as a table: chapter, claim, expected, verdict, evidence."""
+
+    def run(self):
+        path = _ledger_path(self.env.app)
+        records = json.loads(path.read_text())["claims"] if path.exists() else []
+        records.sort(key=lambda r: (r["chapter"], r.get("order", 0)))
+        if not records:
+            return [nodes.paragraph(text="No claims have been checked in this build yet.")]
+        counts = {}
+        for r in records:
+            counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
+        summary = nodes.paragraph(text=(
+            f"{len(records)} claims checked in this build: "
+            + ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+            + ". Every verdict matched the one the chapter states, or the build would have failed."
+        ))
+        table = nodes.table(classes=["claims-ledger"])
+        headers = ["Chapter", "Claim", "Verdict", "Evidence (measured in this build)"]
+        group = nodes.tgroup(cols=len(headers))
+        table += group
+        for width in (12, 38, 10, 40):
+            group += nodes.colspec(colwidth=width)
+        head = nodes.thead()
+        group += head
+        head += self._row(headers)
+        body = nodes.tbody()
+        group += body
+        for r in records:
+            claim = f"{r['claim_id']}: {r['statement']}"
+            if r.get("source"):
+                claim += f" ({r['source']})"
+            verdict = r["verdict"] if r["verdict"] == "holds" else "refuted (myth)"
+            evidence = "; ".join(e["text"] for e in r["evidence"])
+            body += self._row([r["chapter"], claim, verdict, evidence])
+        return [summary, table]
+
+    @staticmethod
+    def _row(cells: list[str]) -> nodes.row:
+        row = nodes.row()
+        for text in cells:
+            entry = nodes.entry()
+            entry += nodes.paragraph(text=text)
+            row += entry
+        return row
+
+
+def setup(app):
+    app.connect("config-inited", on_config_inited, priority=100)
+    app.connect("env-before-read-docs", on_env_before_read_docs)
+    app.connect("env-get-outdated", on_env_get_outdated)
+    app.add_directive("claims-ledger", ClaimsLedger)
+    return {"parallel_read_safe": False, "parallel_write_safe": True, "version": "0.1"}

@@ -1,0 +1,49 @@
+"""depthlab: the small PyTorch library behind the book "Deep & Stable".
+
+Modules, each introduced in chapter 0 ("Setup and a tour of depthlab"):
+
+- ``config``      frozen, validated dataclasses: TransformerConfig, MLPConfig, TrainConfig
+- ``models``      norms, the transformer Block / Encoder / SequenceModel, DeepMLP, init_weights
+- ``data``        seeded synthetic sequence tasks and scikit-learn's digits
+- ``train``       the one training loop, with warm-up, clipping, autocast and divergence reports
+- ``diagnostics`` per-layer gradients, activations, updates and token similarity of any module
+- ``plots``       the book's figure style and plot helpers
+- ``claims``      checked claims with visible verdicts and a JSON ledger
+- ``explore``     interactive widgets that leave a static figure on the website
+"""
+
+from . import claims, config, data, diagnostics, explore, models, plots, train
+from .claims import ClaimBook, above, below, between
+from .config import ConfigError, MLPConfig, TrainConfig, TransformerConfig
+from .data import IGNORE, Digits, SequenceTask
+from .diagnostics import (
+    LayerGradNorms,
+    LayerProfile,
+    UpdateRatio,
+    find_layers,
+    gradient_profile,
+    record,
+    token_similarity,
+)
+from .models import (
+    Block,
+    DeepMLP,
+    Encoder,
+    SequenceModel,
+    config_from_torch_layer,
+    init_weights,
+    load_torch_encoder_layer,
+    torch_parity,
+)
+from .train import Callback, History, evaluate, pick_device, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Block", "Callback", "ClaimBook", "ConfigError", "DeepMLP", "Digits", "Encoder", "History",
+    "IGNORE", "LayerGradNorms", "LayerProfile", "MLPConfig", "SequenceModel", "SequenceTask",
+    "TrainConfig", "TransformerConfig", "UpdateRatio", "above", "below", "between",
+    "config_from_torch_layer", "evaluate", "find_layers", "gradient_profile", "init_weights",
+    "load_torch_encoder_layer", "pick_device", "record", "token_similarity", "torch_parity", "train",
+    "__version__",
+]

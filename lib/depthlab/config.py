@@ -1,0 +1,212 @@
+"""Frozen, validated configuration dataclasses.
+
+Every experiment in the book is described by one of these. They are frozen (an experiment's
+settings cannot change behind its back) and validated at construction: a bad value raises one
+``ConfigError`` that names the field and what it accepts.
+
+Introduced in chapter 0 ("Setup and a tour of depthlab").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+NORM_PLACEMENTS = ("post", "pre", "none")
+NORM_KINDS = ("layer", "batch", "rms", "none")
+ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "identity")
+INIT_SCHEMES = ("torch", "xavier", "kaiming", "normal", "gpt2")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed. The message names the field."""
+
+
+def _choice(obj: Any, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ConfigError(
+            f"{type(obj).__name__}.{name}={value!r} is not allowed; choose one of {allowed}"
+        )
+
+
+def _positive_int(obj: Any, name: str, minimum: int = 1) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(
+            f"{type(obj).__name__}.{name}={value!r} must be an integer >= {minimum}"
+        )
+
+
+def _number(obj: Any, name: str, low: float, high: float = float("inf"),
+            low_open: bool = False) -> None:
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ConfigError(
+            f"{type(obj).__name__}.{name}={value!r} must be a number in {bracket}{low}, {high}]"
+        )
+
+
+class _Config:
+    """Shared helpers: ``cfg.replace(field=value)`` re-validates the new copy."""
+
+    def replace(self, **changes: Any):
+        known = {f.name for f in fields(self)}  # type: ignore[arg-type]
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(
+                f"{type(self).__name__} has no field {unknown[0]!r}; fields are {sorted(known)}"
+            )
+        return replace(self, **changes)  # type: ignore[type-var]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class TransformerConfig(_Config):
+    """A stack of transformer blocks, optionally with token/position embeddings and a head.
+
+    Gains follow He & Hofmann (2023): for Pre-LN,
+    ``X̂ = alpha_sa·X + beta_sa·MHA(Norm(X))`` and ``X_out = alpha_ff·X̂ + beta_ff·MLP(Norm(X̂))``.
+    """
+
+    d_model: int = 64          # width D of the residual stream
+    n_heads: int = 4           # attention heads H; D must be divisible by H
+    n_layers: int = 6          # depth L (number of blocks)
+    mlp_ratio: float = 4.0     # hidden width of the MLP is mlp_ratio * D
+    norm_placement: str = "pre"  # "post" (Vaswani 2017), "pre" (Xiong 2020) or "none"
+    norm_kind: str = "layer"   # "layer", "batch", "rms" or "none"
+    residual: bool = True      # False removes both skip connections of every block
+    alpha_sa: float = 1.0      # gain on the skip of the attention sub-block
+    beta_sa: float = 1.0       # gain on the attention branch
+    alpha_ff: float = 1.0      # gain on the skip of the MLP sub-block
+    beta_ff: float = 1.0       # gain on the MLP branch
+    final_norm: bool | None = None  # norm after the last block; None = only for Pre-LN
+    causal: bool = True        # causal (decoder) or bidirectional (encoder) attention
+    activation: str = "relu"   # MLP activation; PyTorch's encoder layer uses relu
+    init: str = "torch"        # weight initialisation scheme, see models.init_weights
+    init_gain: float = 1.0     # multiplies every weight matrix after initialisation
+    norm_eps: float = 1e-5     # epsilon of the norm layers (PyTorch's default)
+    dropout: float = 0.0       # dropout inside the blocks; 0 in every experiment of the book
+    vocab_size: int = 16       # tokens; used by SequenceModel only
+    max_len: int = 64          # longest sequence for learned positions; SequenceModel only
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_heads", "n_layers", "vocab_size", "max_len"):
+            _positive_int(self, name)
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"TransformerConfig.d_model={self.d_model} must be divisible by "
+                f"n_heads={self.n_heads}"
+            )
+        _number(self, "mlp_ratio", 0.0, low_open=True)
+        _choice(self, "norm_placement", NORM_PLACEMENTS)
+        _choice(self, "norm_kind", NORM_KINDS)
+        _choice(self, "activation", ACTIVATIONS)
+        _choice(self, "init", INIT_SCHEMES)
+        for name in ("alpha_sa", "beta_sa", "alpha_ff", "beta_ff", "init_gain"):
+            _number(self, name, 0.0)
+        _number(self, "norm_eps", 0.0, low_open=True)
+        _number(self, "dropout", 0.0, 1.0)
+        if not isinstance(self.residual, bool):
+            raise ConfigError(f"TransformerConfig.residual={self.residual!r} must be a bool")
+        if self.final_norm is not None and not isinstance(self.final_norm, bool):
+            raise ConfigError(
+                f"TransformerConfig.final_norm={self.final_norm!r} must be True, False or None"
+            )
+        if (self.norm_placement == "none") != (self.norm_kind == "none"):
+            raise ConfigError(
+                "TransformerConfig.norm_placement and norm_kind must both be 'none' or neither: "
+                f"got norm_placement={self.norm_placement!r}, norm_kind={self.norm_kind!r}"
+            )
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def d_mlp(self) -> int:
+        return int(round(self.mlp_ratio * self.d_model))
+
+    @property
+    def has_final_norm(self) -> bool:
+        if self.final_norm is None:
+            return self.norm_placement == "pre"
+        return self.final_norm
+
+
+@dataclass(frozen=True)
+class MLPConfig(_Config):
+    """A deep fully connected network: ``depth`` hidden layers of equal ``width``.
+
+    Each hidden layer is ``h = act(norm(W h_prev + b))``; with ``residual`` it becomes
+    ``h = h_prev + act(norm(W h_prev + b))`` (the input projection has no skip).
+    """
+
+    d_in: int = 64             # input features (digits: 64 pixels)
+    width: int = 64            # hidden width
+    depth: int = 10            # number of hidden layers
+    d_out: int = 10            # output classes
+    activation: str = "relu"   # one of ACTIVATIONS
+    init: str = "torch"        # one of INIT_SCHEMES ("gpt2" means N(0, 0.02))
+    init_gain: float = 1.0     # multiplies every weight matrix after initialisation
+    norm_kind: str = "none"    # norm before each activation: "layer", "batch", "rms" or "none"
+    residual: bool = False     # skip connection around each hidden layer after the first
+    bias: bool = True          # biases in the linear layers (initialised to zero)
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "width", "depth", "d_out"):
+            _positive_int(self, name)
+        _choice(self, "activation", ACTIVATIONS)
+        _choice(self, "init", INIT_SCHEMES)
+        _choice(self, "norm_kind", NORM_KINDS)
+        _number(self, "init_gain", 0.0)
+        _number(self, "norm_eps", 0.0, low_open=True)
+        if not isinstance(self.residual, bool):
+            raise ConfigError(f"MLPConfig.residual={self.residual!r} must be a bool")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """How to train: optimiser, schedule, clipping, precision, device and detectors."""
+
+    steps: int = 200            # optimiser steps
+    lr: float = 1e-3            # peak learning rate
+    optimizer: str = "adam"     # "adam", "adamw" or "sgd"
+    betas: tuple[float, float] = (0.9, 0.98)  # Adam betas of Vaswani et al. (2017)
+    momentum: float = 0.9       # SGD only
+    weight_decay: float = 0.0
+    warmup_steps: int = 0       # linear warm-up from lr/warmup_steps to lr; 0 = none
+    clip_norm: float | None = None  # clip the global gradient norm to this value; None = off
+    amp: str = "auto"           # "auto" = bf16 on CUDA, off elsewhere; "off", "bf16", "fp16"
+    device: str = "auto"        # "auto" = cuda, then mps, then cpu; or a torch device string
+    seed: int = 0               # seeds data order, dropout and everything the loop draws
+    progress: bool | None = None  # tqdm bar; None = only in an interactive session
+    plateau_window: int = 20    # steps averaged at the start and end to detect a plateau
+    plateau_tol: float = 0.05   # relative loss drop below which a run counts as stalled
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "steps")
+        _number(self, "lr", 0.0, low_open=True)
+        _choice(self, "optimizer", OPTIMIZERS)
+        if (not isinstance(self.betas, tuple) or len(self.betas) != 2
+                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+            raise ConfigError(f"TrainConfig.betas={self.betas!r} must be two numbers in [0, 1)")
+        _number(self, "momentum", 0.0, 1.0)
+        _number(self, "weight_decay", 0.0)
+        _positive_int(self, "warmup_steps", minimum=0)
+        if self.clip_norm is not None:
+            _number(self, "clip_norm", 0.0, low_open=True)
+        _choice(self, "amp", AMP_MODES)
+        if not isinstance(self.device, str) or not self.device:
+            raise ConfigError(f"TrainConfig.device={self.device!r} must be 'auto' or a device")
+        _positive_int(self, "seed", minimum=0)
+        _positive_int(self, "plateau_window")
+        _number(self, "plateau_tol", 0.0, 1.0)

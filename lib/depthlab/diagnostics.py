@@ -1,0 +1,291 @@
+"""Diagnostics for any ``nn.Module``: per-layer gradients, activations, updates, rank collapse.
+
+Hooks are installed by the ``record`` context manager and removed when it exits, so a model
+is never left modified. "Layers" are found by ``find_layers``: the model's ``.layers`` if it has
+one, otherwise its longest ``nn.ModuleList`` (e.g. ``nn.TransformerEncoder.layers``), or a list
+you pass in.
+
+Gradient norms are computed in float64: the norm of a 1e-29 gradient squares to 1e-58, below
+float32's range, and would come out as exactly 0 (chapter 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .train import Callback, loss_and_accuracy
+
+SaturationRule = Callable[[Tensor], Tensor]
+
+SATURATION_RULES: dict[str, SaturationRule] = {
+    # fraction of units whose local derivative is (nearly) zero
+    "sigmoid": lambda h: ((h < 0.01) | (h > 0.99)).double().mean(),
+    "tanh": lambda h: (h.abs() > 0.99).double().mean(),
+    "relu": lambda h: (h <= 0).double().mean(),                # "dead" units
+}
+
+
+def find_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated layers of ``model``, in order: ``model.layers`` or its longest ModuleList."""
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, (nn.ModuleList, list, tuple)) and len(layers) > 0:
+        return list(layers)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of layers; "
+                         "pass layers=[...] explicitly")
+    return list(max(lists, key=len))
+
+
+def token_similarity(h: Tensor) -> float:
+    """Mean cosine similarity between the distinct token vectors of each sequence.
+
+    h: (B, T, D). 1.0 means every position carries the same vector (rank collapse,
+    Dong et al. 2021); random vectors give about 0.
+    """
+    if h.dim() != 3 or h.shape[1] < 2:
+        raise ValueError("token_similarity expects (B, T, D) with T >= 2")
+    u = torch.nn.functional.normalize(h.double(), dim=-1)      # (B, T, D)
+    sims = u @ u.transpose(1, 2)                               # (B, T, T)
+    T = h.shape[1]
+    off_diag = sims.sum(dim=(1, 2)) - sims.diagonal(dim1=1, dim2=2).sum(-1)  # (B,)
+    return (off_diag / (T * (T - 1))).mean().item()
+
+
+class Recorder:
+    """What ``record`` collected. Each list has one entry per layer; entries are lists over
+    forward (or backward) passes. Use ``profile()`` for per-layer averages."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.act_grad: list[list[Tensor]] = [[] for _ in range(n_layers)]
+        self.act_mean: list[list[Tensor]] = [[] for _ in range(n_layers)]
+        self.act_std: list[list[Tensor]] = [[] for _ in range(n_layers)]
+        self.saturation: list[list[Tensor]] = [[] for _ in range(n_layers)]
+        self.similarity: list[list[float]] = [[] for _ in range(n_layers)]
+        self.samples: list[Tensor | None] = [None] * n_layers  # last output (for histograms)
+        self.grad_samples: list[Tensor | None] = [None] * n_layers
+
+    def profile(self, weight_grad_norm: Sequence[float] | None = None) -> LayerProfile:
+        def avg(rows: list[list]) -> np.ndarray:
+            return np.array([float(torch.stack([torch.as_tensor(v) for v in r]).double()
+                                   .mean()) if r else math.nan for r in rows])
+        return LayerProfile(
+            act_grad_norm=avg(self.act_grad),
+            weight_grad_norm=(np.array(weight_grad_norm, dtype=float)
+                              if weight_grad_norm is not None
+                              else np.full(len(self.act_grad), math.nan)),
+            act_mean=avg(self.act_mean),
+            act_std=avg(self.act_std),
+            saturation=avg(self.saturation),
+            token_similarity=avg(self.similarity),
+        )
+
+
+@contextlib.contextmanager
+def record(model: nn.Module, layers: Sequence[nn.Module] | None = None, *,
+           saturation: str | SaturationRule | None = None, similarity: bool = True,
+           keep_samples: bool = False) -> Iterator[Recorder]:
+    """Install forward hooks on each layer for the duration of the ``with`` block.
+
+    For every forward pass the recorder stores the layer output's mean, std, saturated fraction
+    (``saturation``: "sigmoid", "tanh", "relu" or a function of the output) and, for (B, T, D)
+    outputs, the token similarity; on the backward pass, ‖∂loss/∂output‖ in float64.
+    ``keep_samples`` keeps the last output and its gradient of each layer (for histograms).
+    """
+    layers = list(layers) if layers is not None else find_layers(model)
+    rec = Recorder(len(layers))
+    sat = SATURATION_RULES[saturation] if isinstance(saturation, str) else saturation
+    handles = []
+
+    def make_hook(i: int):
+        def hook(module: nn.Module, inputs, output) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            if not isinstance(out, Tensor):
+                return
+            with torch.no_grad():
+                rec.act_mean[i].append(out.detach().double().mean())
+                rec.act_std[i].append(out.detach().double().std())
+                if sat is not None:
+                    rec.saturation[i].append(sat(out.detach()))
+                if similarity and out.dim() == 3 and out.shape[1] > 1:
+                    rec.similarity[i].append(token_similarity(out.detach()))
+                if keep_samples:
+                    rec.samples[i] = out.detach().cpu()
+            if out.requires_grad:
+                def grad_hook(g: Tensor) -> None:
+                    rec.act_grad[i].append(g.detach().double().norm())
+                    if keep_samples:
+                        rec.grad_samples[i] = g.detach().cpu()
+                out.register_hook(grad_hook)
+        return hook
+
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_hook(make_hook(i)))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class LayerProfile:
+    """Per-layer measurements, index 0 = the layer nearest the input. All arrays are (L,)."""
+
+    act_grad_norm: np.ndarray     # ‖∂loss/∂h_l‖, the gradient reaching layer l's output
+    weight_grad_norm: np.ndarray  # ‖∂loss/∂W_l‖ over all parameters of layer l
+    act_mean: np.ndarray
+    act_std: np.ndarray
+    saturation: np.ndarray        # fraction of saturated units (NaN if no rule was given)
+    token_similarity: np.ndarray  # mean cosine similarity between tokens (NaN for 2-D outputs)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.act_grad_norm)
+
+    @property
+    def ratio(self) -> float:
+        """First-layer / last-layer activation-gradient norm: < 1 vanishing, > 1 exploding."""
+        return float(self.act_grad_norm[0] / self.act_grad_norm[-1])
+
+    @property
+    def weight_ratio(self) -> float:
+        """First-layer / last-layer weight-gradient norm."""
+        return float(self.weight_grad_norm[0] / self.weight_grad_norm[-1])
+
+    def per_layer_factor(self) -> float:
+        """Geometric-mean change of the gradient norm per layer, going from output to input."""
+        return float(self.ratio ** (1.0 / max(1, self.n_layers - 1)))
+
+    def describe(self) -> str:
+        """One sentence that says what the numbers mean."""
+        L = self.n_layers
+        r = self.ratio
+        if not math.isfinite(r) or r == 0:
+            return (f"first/last gradient ratio {r:.2g}: the gradient does not reach layer 0 "
+                    f"at all (underflow or a dead path) across {L} layers")
+        if r < 1e-2:
+            verdict = f"gradients vanish between layer {L - 1} and layer 0"
+        elif r > 1e2:
+            verdict = f"gradients explode between layer {L - 1} and layer 0"
+        else:
+            verdict = "gradient norms stay within two decades across the stack"
+        return (f"first/last gradient ratio {r:.2g} over {L} layers "
+                f"(×{self.per_layer_factor():.3g} per layer): {verdict}")
+
+
+def weight_grad_norms(layers: Sequence[nn.Module]) -> list[float]:
+    """‖∂loss/∂θ_l‖ over all parameters of each layer (float64), after a backward pass."""
+    out = []
+    for layer in layers:
+        sq = [p.grad.detach().double().pow(2).sum() for p in layer.parameters()
+              if p.grad is not None]
+        out.append(math.sqrt(float(torch.stack(sq).sum())) if sq else math.nan)
+    return out
+
+
+def gradient_profile(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], *,
+                     layers: Sequence[nn.Module] | None = None,
+                     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+                     saturation: str | SaturationRule | None = None,
+                     keep_samples: bool = False) -> LayerProfile:
+    """Forward and backward passes on ``batches``; per-layer averages of what ``record`` sees.
+
+    ``loss_fn(output, targets)`` defaults to depthlab's cross-entropy (ignoring ``IGNORE``).
+    Parameter gradients are cleared before and after, so the model is left as it was found.
+    Returns a ``LayerProfile``; with ``keep_samples`` it also has ``.recorder`` for histograms.
+    """
+    layers = list(layers) if layers is not None else find_layers(model)
+    loss_fn = loss_fn or (lambda out, y: loss_and_accuracy(out, y)[0])
+    device = next(model.parameters()).device
+    wsum = np.zeros(len(layers))
+    model.zero_grad(set_to_none=True)
+    with record(model, layers, saturation=saturation, keep_samples=keep_samples) as rec:
+        for x, y in batches:
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            loss.backward()
+            wsum += np.array(weight_grad_norms(layers))
+            model.zero_grad(set_to_none=True)
+    profile = rec.profile(wsum / max(1, len(batches)))
+    if keep_samples:
+        profile.recorder = rec  # type: ignore[attr-defined]
+    return profile
+
+
+class UpdateRatio(Callback):
+    """Log10 of ‖ΔW‖ / ‖W‖ per layer and step, over the weight matrices of each layer.
+
+    A common rule of thumb (Karpathy) puts healthy values near -3: much lower and a layer
+    barely learns, much higher and it is being overwritten. Results: ``self.log10`` is a list
+    of per-step arrays (L,), also returned to the loop as ``update/<l>`` extras.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module] | None = None, every: int = 1) -> None:
+        self._layers = list(layers) if layers is not None else None
+        self.every = every
+        self.steps: list[int] = []
+        self.log10: list[np.ndarray] = []
+        self._before: list[list[Tensor]] = []
+
+    def _weights(self, model: nn.Module) -> list[list[Tensor]]:
+        layers = self._layers if self._layers is not None else find_layers(model)
+        return [[p for p in layer.parameters() if p.dim() >= 2] for layer in layers]
+
+    def before_step(self, step: int, model: nn.Module) -> None:
+        if step % self.every == 0:
+            self._before = [[w.detach().clone() for w in ws] for ws in self._weights(model)]
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        if step % self.every:
+            return None
+        ratios = []
+        for ws, olds in zip(self._weights(model), self._before):
+            du = sum(float((w.detach() - o).double().pow(2).sum()) for w, o in zip(ws, olds))
+            ww = sum(float(o.double().pow(2).sum()) for o in olds)
+            ratios.append(0.5 * math.log10(du / ww) if du > 0 and ww > 0 else -math.inf)
+        self.steps.append(step)
+        self.log10.append(np.array(ratios))
+        return {f"update/{i}": r for i, r in enumerate(ratios)}
+
+    def as_array(self) -> np.ndarray:
+        """(steps, L) array of log10 update-to-weight ratios."""
+        return np.stack(self.log10) if self.log10 else np.zeros((0, 0))
+
+
+class LayerGradNorms(Callback):
+    """Records the per-layer activation-gradient norms at every step of a training run.
+
+    ``self.history`` is a list of (L,) arrays. Cheap enough to leave on (see benchmarks/).
+    """
+
+    def __init__(self, layers: Sequence[nn.Module] | None = None) -> None:
+        self._layers = layers
+        self._ctx = None
+        self._rec: Recorder | None = None
+        self.history: list[np.ndarray] = []
+
+    def on_train_start(self, model: nn.Module) -> None:
+        self._ctx = record(model, self._layers, similarity=False)
+        self._rec = self._ctx.__enter__()
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        rec = self._rec
+        assert rec is not None
+        self.history.append(np.array([float(g[-1]) if g else math.nan for g in rec.act_grad]))
+        for rows in (rec.act_grad, rec.act_mean, rec.act_std):
+            for r in rows:
+                r.clear()
+        return None
+
+    def on_train_end(self, model: nn.Module) -> None:
+        """Remove the hooks when training ends."""
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None

@@ -1,0 +1,489 @@
+"""Models: normalisation layers, the transformer block, encoders, sequence models, deep MLPs.
+
+Shape vocabulary used everywhere in depthlab:
+    B batch, T tokens, D model width, H heads, Dh = D / H, V vocabulary, C classes.
+
+Norm placement is always an explicit config field. PyTorch's ``nn.TransformerEncoderLayer``
+defaults to Post-LN (``norm_first=False``); ``norm_placement="post"`` is that default and
+``norm_placement="pre"`` is ``norm_first=True``. ``load_torch_encoder_layer`` copies PyTorch's
+weights into a ``Block`` so the two can be compared number for number (chapter 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MLPConfig, TransformerConfig
+
+# --------------------------------------------------------------------------------------------
+# Normalisation. Each norm is written out in a pure function (the formula the book teaches)
+# and wrapped in a module that, by default, calls PyTorch's fused kernel. Tests check that the
+# two agree with each other and with nn.LayerNorm / nn.BatchNorm1d / nn.RMSNorm.
+# --------------------------------------------------------------------------------------------
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """Normalise each token over its D features. x: (..., D) -> (..., D). (Chapter 3.)"""
+    mean = x.mean(dim=-1, keepdim=True)                      # (..., 1)
+    var = x.var(dim=-1, unbiased=False, keepdim=True)        # (..., 1)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """Divide each token by the root mean square of its features; no centring. (Chapter 3.)"""
+    rms = torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)   # (..., 1)
+    return x / rms * weight
+
+
+def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """Normalise each feature over every other axis: for (B, T, D), over all B·T tokens.
+
+    Training-mode statistics only (biased variance, as PyTorch uses for normalising).
+    (Chapter 3.)
+    """
+    dims = tuple(range(x.dim() - 1))                          # all axes but the feature axis
+    mean = x.mean(dim=dims, keepdim=True)                     # (1, ..., D)
+    var = x.var(dim=dims, unbiased=False, keepdim=True)       # (1, ..., D)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+class LayerNorm(nn.Module):
+    """Per-token normalisation over features (Ba et al. 2016). x: (..., D)."""
+
+    def __init__(self, d: int, eps: float = 1e-5, fused: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.eps, self.fused = eps, fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """Per-token division by the root mean square (Zhang & Sennrich 2019). x: (..., D)."""
+
+    def __init__(self, d: int, eps: float = 1e-5, fused: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps, self.fused = eps, fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused and hasattr(F, "rms_norm"):              # F.rms_norm: torch >= 2.4
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+class BatchNorm(nn.Module):
+    """Per-feature normalisation over the batch (Ioffe & Szegedy 2015). x: (..., D).
+
+    For a (B, T, D) tensor the statistics pool all B·T tokens, so one sequence's output depends
+    on the other sequences in the batch (chapter 3). Keeps running statistics for eval mode
+    with PyTorch's convention: running = (1 - momentum)·running + momentum·batch, using the
+    unbiased batch variance.
+    """
+
+    def __init__(self, d: int, eps: float = 1e-5, momentum: float = 0.1,
+                 fused: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.register_buffer("running_mean", torch.zeros(d))
+        self.register_buffer("running_var", torch.ones(d))
+        self.eps, self.momentum, self.fused = eps, momentum, fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])                      # (N, D), N = all tokens
+        if self.training and flat.shape[0] < 2:
+            raise ValueError(
+                "BatchNorm needs at least 2 values per feature in training mode, got 1: "
+                "with batch size 1 there are no batch statistics to compute (chapter 3)"
+            )
+        if self.fused:
+            out = F.batch_norm(flat, self.running_mean, self.running_var, self.weight,
+                               self.bias, self.training, self.momentum, self.eps)
+            return out.reshape(x.shape)
+        if not self.training:
+            out = (flat - self.running_mean) / torch.sqrt(self.running_var + self.eps)
+            return (out * self.weight + self.bias).reshape(x.shape)
+        with torch.no_grad():
+            n = flat.shape[0]
+            self.running_mean.lerp_(flat.mean(0), self.momentum)
+            self.running_var.lerp_(flat.var(0, unbiased=False) * n / (n - 1), self.momentum)
+        return batch_norm(flat, self.weight, self.bias, self.eps).reshape(x.shape)
+
+
+def make_norm(kind: str, d: int, eps: float = 1e-5) -> nn.Module:
+    """The norm layer named by a config's ``norm_kind``; "none" gives ``nn.Identity``."""
+    if kind == "layer":
+        return LayerNorm(d, eps)
+    if kind == "rms":
+        return RMSNorm(d, eps)
+    if kind == "batch":
+        return BatchNorm(d, eps)
+    return nn.Identity()
+
+
+def make_activation(name: str) -> nn.Module:
+    return {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+            "identity": nn.Identity}[name]()
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer
+# --------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
+
+    ``qkv`` holds the query, key and value projections stacked in that order, the same layout
+    as ``nn.MultiheadAttention.in_proj_weight``. x: (B, T, D) -> (B, T, D).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.proj.is_residual_out = True                       # scaled by 1/sqrt(2L) in gpt2 init
+        self.n_heads, self.causal, self.dropout = n_heads, causal, dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        H = self.n_heads
+        q, k, v = self.qkv(x).split(D, dim=-1)                 # 3 x (B, T, D)
+        q = q.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
+        k = k.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
+        v = v.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+        )                                                      # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(B, T, D)                 # (B, T, D)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: D -> mlp_ratio·D -> D. x: (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, d_model: int, d_hidden: int, activation: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_hidden)
+        self.act = make_activation(activation)
+        self.fc2 = nn.Linear(d_hidden, d_model)
+        self.fc2.is_residual_out = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """One transformer block with explicit norm placement and He & Hofmann's scalar gains.
+
+    Pre-LN (Xiong et al. 2020; PyTorch ``norm_first=True``)::
+
+        X̂     = alpha_sa·X + beta_sa·MHA(Norm1(X))
+        X_out = alpha_ff·X̂ + beta_ff·MLP(Norm2(X̂))
+
+    Post-LN (Vaswani et al. 2017; PyTorch ``norm_first=False``, its default)::
+
+        X̂     = Norm1(alpha_sa·X + beta_sa·MHA(X))
+        X_out = Norm2(alpha_ff·X̂ + beta_ff·MLP(X̂))
+
+    ``residual=False`` sets both alphas to 0 (no skip). x: (B, T, D) -> (B, T, D).
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.norm1 = make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.causal, cfg.dropout)
+        self.norm2 = make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.activation)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _attn_block(self, x: Tensor) -> Tensor:
+        return self.drop(self.attn(x))
+
+    def _mlp_block(self, x: Tensor) -> Tensor:
+        return self.drop(self.mlp(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.cfg
+        a_sa, a_ff = (c.alpha_sa, c.alpha_ff) if c.residual else (0.0, 0.0)
+        if c.norm_placement == "pre":
+            x = _mix(a_sa, x, c.beta_sa, self._attn_block(self.norm1(x)))
+            x = _mix(a_ff, x, c.beta_ff, self._mlp_block(self.norm2(x)))
+        elif c.norm_placement == "post":
+            x = self.norm1(_mix(a_sa, x, c.beta_sa, self._attn_block(x)))
+            x = self.norm2(_mix(a_ff, x, c.beta_ff, self._mlp_block(x)))
+        else:
+            x = _mix(a_sa, x, c.beta_sa, self._attn_block(x))
+            x = _mix(a_ff, x, c.beta_ff, self._mlp_block(x))
+        return x
+
+
+def _mix(alpha: float, skip: Tensor, beta: float, branch: Tensor) -> Tensor:
+    """alpha·skip + beta·branch, without multiplying by 1 or adding 0 (keeps PyTorch parity)."""
+    if beta != 1.0:
+        branch = beta * branch
+    if alpha == 0.0:
+        return branch
+    return (skip if alpha == 1.0 else alpha * skip) + branch
+
+
+class Encoder(nn.Module):
+    """A stack of ``n_layers`` independently initialised blocks, plus the optional final norm.
+
+    x: (B, T, D) -> (B, T, D). ``self.layers`` is the list diagnostics probe by default.
+    """
+
+    def __init__(self, cfg: TransformerConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        with torch.random.fork_rng(devices=[]):                # leave the caller's RNG alone
+            # Each block is constructed on its own (never a deepcopy of one layer, which is how
+            # nn.TransformerEncoder starts every layer identical), then re-initialised from seed.
+            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+            self.final_norm = (make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps)
+                               if cfg.has_final_norm else nn.Identity())
+        init_weights(self, cfg.init, n_layers=cfg.n_layers, gain=cfg.init_gain, seed=seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.layers:
+            x = block(x)
+        return self.final_norm(x)
+
+
+class SequenceModel(nn.Module):
+    """Token + learned position embeddings, an ``Encoder``, and a linear head.
+
+    idx: (B, T) integer tokens -> logits (B, T, V).
+    """
+
+    def __init__(self, cfg: TransformerConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        with torch.random.fork_rng(devices=[]):
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+            self.encoder = Encoder(cfg, seed=seed)
+            self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        init_weights(self, cfg.init, n_layers=cfg.n_layers, gain=cfg.init_gain, seed=seed)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.encoder.layers
+
+    def forward(self, idx: Tensor) -> Tensor:
+        B, T = idx.shape
+        if T > self.cfg.max_len:
+            raise ValueError(f"sequence length {T} exceeds TransformerConfig.max_len="
+                             f"{self.cfg.max_len}")
+        pos = torch.arange(T, device=idx.device)               # (T,)
+        x = self.tok_emb(idx) + self.pos_emb(pos)              # (B, T, D)
+        return self.head(self.encoder(x))                      # (B, T, V)
+
+
+# --------------------------------------------------------------------------------------------
+# Deep MLP
+# --------------------------------------------------------------------------------------------
+
+
+class MLPLayer(nn.Module):
+    """h -> act(norm(W h + b)), plus h itself when ``residual``. h: (B, d_in) -> (B, d_out)."""
+
+    def __init__(self, d_in: int, d_out: int, activation: str, norm_kind: str,
+                 residual: bool, bias: bool = True, eps: float = 1e-5) -> None:
+        super().__init__()
+        if residual and d_in != d_out:
+            raise ValueError("a residual MLPLayer needs d_in == d_out")
+        self.linear = nn.Linear(d_in, d_out, bias=bias)
+        self.norm = make_norm(norm_kind, d_out, eps)
+        self.act = make_activation(activation)
+        self.residual = residual
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = self.act(self.norm(self.linear(h)))
+        return h + out if self.residual else out
+
+
+class DeepMLP(nn.Module):
+    """``depth`` hidden layers of width ``width`` and a linear classifier head.
+
+    x: (B, d_in) -> logits (B, d_out). ``self.layers`` holds the hidden layers in order.
+    """
+
+    def __init__(self, cfg: MLPConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        with torch.random.fork_rng(devices=[]):
+            dims = [cfg.d_in] + [cfg.width] * cfg.depth
+            self.layers = nn.ModuleList(
+                MLPLayer(dims[i], dims[i + 1], cfg.activation, cfg.norm_kind,
+                         residual=cfg.residual and i > 0, bias=cfg.bias, eps=cfg.norm_eps)
+                for i in range(cfg.depth)
+            )
+            self.head = nn.Linear(cfg.width, cfg.d_out)
+        init_weights(self, cfg.init, n_layers=cfg.depth, gain=cfg.init_gain, seed=seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation
+# --------------------------------------------------------------------------------------------
+
+
+def init_weights(model: nn.Module, scheme: str, *, n_layers: int = 1, gain: float = 1.0,
+                 seed: int = 0) -> nn.Module:
+    """Re-initialise every Linear and Embedding of ``model`` from ``seed``; returns ``model``.
+
+    Which parameters get which scale (fan_in = input features of the layer):
+
+    ========  ==============================================  ==========  ===============
+    scheme    Linear weight                                   Linear bias  Embedding
+    ========  ==============================================  ==========  ===============
+    torch     U(±1/√fan_in)  (nn.Linear's default)            U(±1/√fan_in)  N(0, 1)
+    xavier    U(±√(6/(fan_in+fan_out)))  (Glorot & Bengio)     0           N(0, 1)
+    kaiming   N(0, 2/fan_in)  (He et al. 2015, for ReLU)       0           N(0, 1)
+    normal    N(0, 1)  (the naive choice of chapter 1)         0           N(0, 1)
+    gpt2      N(0, 0.02²); residual outputs N(0, (0.02/√(2L))²)  0         N(0, 0.02²)
+    ========  ==============================================  ==========  ===============
+
+    Every Linear weight is then multiplied by ``gain``. Norm layers keep weight 1, bias 0.
+    Only the generator seeded here is used, so the caller's global RNG is untouched.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            w = module.weight
+            fan_out, fan_in = w.shape
+            with torch.no_grad():
+                if scheme == "torch":
+                    bound = 1.0 / math.sqrt(fan_in)
+                    _fill(w, lambda t, b=bound: t.uniform_(-b, b, generator=g))
+                    if module.bias is not None:
+                        _fill(module.bias, lambda t, b=bound: t.uniform_(-b, b, generator=g))
+                else:
+                    if scheme == "xavier":
+                        b = math.sqrt(6.0 / (fan_in + fan_out))
+                        _fill(w, lambda t, b=b: t.uniform_(-b, b, generator=g))
+                    elif scheme == "kaiming":
+                        std = math.sqrt(2.0 / fan_in)
+                        _fill(w, lambda t, s=std: t.normal_(0.0, s, generator=g))
+                    elif scheme == "normal":
+                        _fill(w, lambda t: t.normal_(0.0, 1.0, generator=g))
+                    elif scheme == "gpt2":
+                        std = 0.02
+                        if getattr(module, "is_residual_out", False):
+                            std /= math.sqrt(2 * n_layers)
+                        _fill(w, lambda t, s=std: t.normal_(0.0, s, generator=g))
+                    else:
+                        raise ValueError(f"unknown init scheme {scheme!r}")
+                    if module.bias is not None:
+                        module.bias.zero_()
+                if gain != 1.0:
+                    w.mul_(gain)
+        elif isinstance(module, nn.Embedding):
+            std = 0.02 if scheme == "gpt2" else 1.0
+            with torch.no_grad():
+                _fill(module.weight, lambda t, s=std: t.normal_(0.0, s, generator=g))
+    return model
+
+
+def _fill(param: Tensor, sample) -> None:
+    """Draw on the CPU with the seeded generator (same numbers on every device), then copy."""
+    param.copy_(sample(torch.empty(param.shape, dtype=torch.float32)))
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch interop
+# --------------------------------------------------------------------------------------------
+
+
+def config_from_torch_layer(layer: nn.TransformerEncoderLayer, **overrides) -> TransformerConfig:
+    """The ``TransformerConfig`` of a single-layer stack equivalent to a PyTorch encoder layer."""
+    act = layer.activation
+    name = {F.relu: "relu", F.gelu: "gelu"}.get(act) if callable(act) else None
+    if isinstance(act, nn.Module):
+        name = {nn.ReLU: "relu", nn.GELU: "gelu"}.get(type(act))
+    if name is None:
+        raise ValueError(f"unsupported activation {act!r}: depthlab mirrors relu and gelu")
+    fields = dict(
+        d_model=layer.linear1.in_features,
+        n_heads=layer.self_attn.num_heads,
+        n_layers=1,
+        mlp_ratio=layer.linear1.out_features / layer.linear1.in_features,
+        norm_placement="pre" if layer.norm_first else "post",
+        norm_kind="layer",
+        final_norm=False,
+        causal=False,
+        activation=name,
+        norm_eps=layer.norm1.eps,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+@torch.no_grad()
+def load_torch_encoder_layer(block: Block, layer: nn.TransformerEncoderLayer) -> Block:
+    """Copy the weights of ``nn.TransformerEncoderLayer`` into a depthlab ``Block``.
+
+    Requires ``batch_first=True`` on the PyTorch layer and a LayerNorm block of the same width,
+    heads and placement. After loading, both compute the same function (chapter 0 test).
+    """
+    if not layer.self_attn.batch_first:
+        raise ValueError("load_torch_encoder_layer expects batch_first=True")
+    want = "pre" if layer.norm_first else "post"
+    if block.cfg.norm_placement != want or block.cfg.norm_kind != "layer":
+        raise ValueError(f"the PyTorch layer is {want}-LN with LayerNorm; the block has "
+                         f"norm_placement={block.cfg.norm_placement!r}, "
+                         f"norm_kind={block.cfg.norm_kind!r}")
+    mha = layer.self_attn
+    block.attn.qkv.weight.copy_(mha.in_proj_weight)           # (3D, D): q, k, v stacked
+    block.attn.qkv.bias.copy_(mha.in_proj_bias)
+    block.attn.proj.weight.copy_(mha.out_proj.weight)
+    block.attn.proj.bias.copy_(mha.out_proj.bias)
+    block.mlp.fc1.weight.copy_(layer.linear1.weight)
+    block.mlp.fc1.bias.copy_(layer.linear1.bias)
+    block.mlp.fc2.weight.copy_(layer.linear2.weight)
+    block.mlp.fc2.bias.copy_(layer.linear2.bias)
+    for ours, theirs in ((block.norm1, layer.norm1), (block.norm2, layer.norm2)):
+        ours.weight.copy_(theirs.weight)
+        ours.bias.copy_(theirs.bias)
+        ours.eps = theirs.eps
+    return block
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def torch_parity(layer: nn.TransformerEncoderLayer, x: Tensor) -> dict[str, float]:
+    """Max abs differences between a PyTorch encoder layer and a depthlab ``Block`` loaded with
+    its weights, on input x: (B, T, D). Keys: "output" and "input_grad" (of sum of squares).
+
+    Compares in the layer's training mode with its dropout at 0; this is the check behind
+    "our block is PyTorch's block" in chapter 0.
+    """
+    block = load_torch_encoder_layer(Block(config_from_torch_layer(layer)), layer)
+    block.to(x.device)
+    x_theirs = x.detach().clone().requires_grad_(True)
+    x_ours = x.detach().clone().requires_grad_(True)
+    y_theirs, y_ours = layer(x_theirs), block(x_ours)
+    y_theirs.pow(2).sum().backward()
+    y_ours.pow(2).sum().backward()
+    return {
+        "output": (y_theirs - y_ours).abs().max().item(),
+        "input_grad": (x_theirs.grad - x_ours.grad).abs().max().item(),
+    }

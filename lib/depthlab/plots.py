@@ -1,0 +1,131 @@
+"""Plots: one figure style and helpers for the figures every chapter draws.
+
+Figures have a white face colour so they stay readable in the book theme's dark mode, labelled
+axes, and a one-line takeaway under the title. Helpers draw on an ``Axes`` you pass, so they
+compose into multi-panel figures; nothing here changes matplotlib's global settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+STYLE = {
+    "figure.facecolor": "white",
+    "axes.facecolor": "white",
+    "savefig.facecolor": "white",
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "font.size": 10,
+    "axes.titlesize": 10,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+}
+
+
+def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.2,
+           takeaway: str | None = None, **kwargs) -> tuple[Figure, np.ndarray]:
+    """A figure in the book's style with an array of axes (always 2-D: ``axes[row, col]``).
+
+    ``takeaway`` is the one-line message printed above the panels. The figure is made without
+    pyplot, so it is shown where you choose (end the cell with ``fig``) and never twice, and
+    no figure piles up in pyplot's memory during a sweep.
+    """
+    with plt.rc_context(STYLE):
+        fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+    fig.patch.set_facecolor("white")
+    if takeaway:
+        fig.suptitle(takeaway, fontsize=11, fontweight="bold")
+    return fig, axes
+
+
+def layer_profile(ax: Axes, profiles: Mapping[str, Sequence[float]], *,
+                  ylabel: str = "‖∂L/∂h_l‖ (gradient norm)", log: bool = True,
+                  title: str | None = None, reference: float | None = None) -> Axes:
+    """One line per configuration: a per-layer quantity against layer index (0 = input side)."""
+    for label, values in profiles.items():
+        v = np.asarray(values, dtype=float)
+        ax.plot(np.arange(len(v)), v, marker="o", markersize=3, label=label)
+    if log:
+        ax.set_yscale("log")
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("layer l (0 = nearest the input)")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    return ax
+
+
+def curves(ax: Axes, runs: Mapping[str, Sequence[float]], *, ylabel: str = "training loss",
+           xlabel: str = "optimiser step", log: bool = False, title: str | None = None,
+           smooth: int = 1, reference: float | None = None,
+           reference_label: str | None = None) -> Axes:
+    """Training curves, one per label; ``smooth`` is a moving-average window in steps."""
+    for label, values in runs.items():
+        v = np.asarray(values, dtype=float)
+        if smooth > 1 and len(v) >= smooth:
+            v = np.convolve(v, np.ones(smooth) / smooth, mode="valid")
+        ax.plot(np.arange(len(v)) + (smooth - 1), v, label=label)
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    return ax
+
+
+def heatmap(ax: Axes, values: np.ndarray, row_labels: Sequence, col_labels: Sequence, *,
+            xlabel: str, ylabel: str, cbar_label: str, title: str | None = None,
+            fmt: str = "{:.2f}", vmin: float | None = None, vmax: float | None = None,
+            cmap: str = "viridis", log: bool = False) -> Axes:
+    """A sweep as a heatmap with every cell annotated. values: (rows, cols)."""
+    from matplotlib.colors import LogNorm
+
+    v = np.asarray(values, dtype=float)
+    norm = LogNorm(vmin=vmin, vmax=vmax) if log else None
+    im = ax.imshow(v, cmap=cmap, aspect="auto", origin="lower", norm=norm,
+                   vmin=None if log else vmin, vmax=None if log else vmax)
+    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
+    ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(False)
+    lo, hi = np.nanmin(v), np.nanmax(v)
+    for i in range(v.shape[0]):
+        for j in range(v.shape[1]):
+            dark = (v[i, j] - lo) < 0.5 * (hi - lo) if hi > lo else True
+            ax.text(j, i, fmt.format(v[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black")
+    ax.figure.colorbar(im, ax=ax, label=cbar_label)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def histograms(ax: Axes, samples: Mapping[str, np.ndarray], *, xlabel: str, bins: int = 50,
+               log: bool = False, title: str | None = None) -> Axes:
+    """Overlaid step histograms (e.g. activations of a few layers)."""
+    for label, s in samples.items():
+        ax.hist(np.asarray(s, dtype=float).ravel(), bins=bins, histtype="step", label=label,
+                density=True)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    return ax

@@ -1,0 +1,95 @@
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+import depthlab as dl
+
+
+def _digits_batch():
+    return [dl.Digits(batch_size=128).batch(0)]
+
+
+def test_sigmoid_mlp_vanishes_and_relu_kaiming_does_not():
+    sig = dl.gradient_profile(dl.DeepMLP(dl.MLPConfig(depth=20, activation="sigmoid")),
+                              _digits_batch(), saturation="sigmoid")
+    relu = dl.gradient_profile(dl.DeepMLP(dl.MLPConfig(depth=20, activation="relu",
+                                                       init="kaiming")), _digits_batch())
+    # sigmoid' <= 1/4 per layer: 19 layers lose many decades
+    assert sig.ratio < 1e-6
+    # Kaiming keeps the gradient scale of ReLU layers: within a decade over 20 layers
+    assert 0.1 < relu.ratio < 10
+    assert "vanish" in sig.describe()
+
+
+def test_tiny_gradients_do_not_underflow_to_zero():
+    """At depth 30 the first layer's gradient entries are ~1e-28: their squares underflow in
+    float32 (a float32 norm gives exactly 0), so the profile must square in float64."""
+    model = dl.DeepMLP(dl.MLPConfig(depth=30, activation="sigmoid"))
+    prof = dl.gradient_profile(model, _digits_batch(), keep_samples=True)
+    g0 = prof.recorder.grad_samples[0]
+    assert g0.norm().item() == 0.0                  # what a float32 norm reports
+    assert 0 < prof.act_grad_norm[0] < 1e-20
+
+
+def test_profile_of_a_foreign_module_and_hooks_are_removed():
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+        num_layers=5, enable_nested_tensor=False)
+    assert len(dl.find_layers(enc)) == 5
+    x, y = torch.randn(4, 6, 32), torch.randn(4, 6, 32)
+    prof = dl.gradient_profile(enc, [(x, y)], loss_fn=lambda o, t: (o - t).pow(2).mean())
+    assert prof.n_layers == 5
+    assert np.all(prof.act_grad_norm > 0) and np.all(np.isfinite(prof.weight_grad_norm))
+    assert all(len(layer._forward_hooks) == 0 for layer in enc.layers)
+    assert all(p.grad is None for p in enc.parameters())
+
+
+def test_record_counts_passes_and_saturation():
+    model = dl.DeepMLP(dl.MLPConfig(depth=3, activation="tanh", init="normal", init_gain=5.0))
+    x = torch.randn(64, 64)
+    with dl.record(model, saturation="tanh") as rec:
+        model(x).sum().backward()
+        model(x).sum().backward()
+    prof = rec.profile()
+    assert len(rec.act_grad[0]) == 2
+    assert prof.saturation[1] > 0.8                 # huge weights: tanh units pinned at ±1
+    assert len(model.layers[0]._forward_hooks) == 0
+
+
+def test_token_similarity_detects_collapse():
+    same = torch.randn(2, 1, 16).expand(2, 8, 16)
+    assert abs(dl.token_similarity(same) - 1.0) < 1e-9
+    rand = torch.randn(4, 64, 256)
+    assert abs(dl.token_similarity(rand)) < 0.02
+
+
+def test_weight_gradient_differs_from_activation_gradient():
+    prof = dl.gradient_profile(dl.DeepMLP(dl.MLPConfig(depth=6)), _digits_batch())
+    assert np.all(prof.weight_grad_norm > 0)
+    assert not np.allclose(prof.weight_grad_norm, prof.act_grad_norm)
+
+
+def test_update_ratio_callback():
+    cb = dl.UpdateRatio()
+    dl.train(dl.DeepMLP(dl.MLPConfig(depth=4)), dl.Digits(batch_size=32),
+             dl.TrainConfig(steps=5, lr=1e-3), callbacks=[cb])
+    arr = cb.as_array()
+    assert arr.shape == (5, 4)
+    # Adam moves each weight by about lr: the ratio is lr / typical |w| = 1e-3 / 0.07 ≈ 10^-1.8
+    assert np.all((arr > -3.5) & (arr < -1.0)), arr
+
+
+def test_layer_grad_norms_callback_removes_its_hooks():
+    model = dl.DeepMLP(dl.MLPConfig(depth=4))
+    cb = dl.LayerGradNorms()
+    dl.train(model, dl.Digits(batch_size=32), dl.TrainConfig(steps=3), callbacks=[cb])
+    assert len(cb.history) == 3 and all(np.all(h > 0) for h in cb.history)
+    assert all(len(layer._forward_hooks) == 0 for layer in model.layers)
+
+
+def test_per_layer_factor_is_the_geometric_mean():
+    prof = dl.LayerProfile(np.array([1e-4, 1e-2, 1.0]), np.ones(3), *(np.zeros(3),) * 4)
+    assert math.isclose(prof.per_layer_factor(), 1e-2)

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+import depthlab as dl
+from depthlab import explore, plots
+
+
+def _plot(depth=2, kind="a"):
+    fig, axes = plots.figure(takeaway=f"depth {depth}, {kind}")
+    plots.layer_profile(axes[0, 0], {kind: np.logspace(-depth, 0, depth + 1)})
+    return fig
+
+
+def test_figure_style_and_helpers():
+    fig, axes = plots.figure(2, 1, takeaway="t")
+    assert isinstance(fig, Figure) and axes.shape == (1, 2)
+    assert fig.get_facecolor()[:3] == (1.0, 1.0, 1.0)
+    plots.layer_profile(axes[0, 0], {"a": [1e-3, 1e-1, 1]})
+    assert axes[0, 0].get_yscale() == "log" and axes[0, 0].get_xlabel()
+    plots.curves(axes[0, 1], {"run": list(range(20))}, smooth=5, reference=3.0,
+                 reference_label="ref")
+    assert axes[0, 1].get_legend() is not None
+    fig2, ax2 = plots.figure()
+    plots.heatmap(ax2[0, 0], np.eye(2), ["r0", "r1"], ["c0", "c1"], xlabel="x", ylabel="y",
+                  cbar_label="acc")
+    assert len(ax2[0, 0].texts) == 4
+
+
+def test_explorer_static_mode_draws_the_default_only():
+    calls = []
+
+    def plot(**kw):
+        calls.append(kw)
+        return _plot(**kw)
+
+    assert explore.explorer(plot, {"depth": [2, 4], "kind": ["a", "b"]}, {"depth": 4},
+                            static=True) is None
+    assert calls == [{"depth": 4, "kind": "a"}]
+
+
+def test_explorer_live_mode_builds_widgets_that_redraw():
+    widgets = pytest.importorskip("ipywidgets")
+    calls = []
+
+    def plot(**kw):
+        calls.append(kw)
+        return _plot(**kw)
+
+    box = explore.explorer(plot, {"depth": [2, 4], "kind": ["a", "b"]}, static=False)
+    assert isinstance(box, widgets.VBox)
+    controls = box.children[0].children
+    assert isinstance(controls[0], widgets.SelectionSlider)
+    assert isinstance(controls[1], widgets.Dropdown)
+    controls[1].value = "b"                           # a change redraws with the new value
+    assert calls[-1] == {"depth": 2, "kind": "b"}
+
+
+def test_explorer_rejects_a_default_outside_the_options():
+    pytest.importorskip("ipywidgets")
+    with pytest.raises(ValueError, match="depth"):
+        explore.make_controls({"depth": [2, 4]}, {"depth": 3})
+
+
+def test_public_api_is_importable():
+    for name in dl.__all__:
+        assert hasattr(dl, name), name
