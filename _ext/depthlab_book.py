@@ -6,7 +6,8 @@
 2. Keeps the execution cache honest. Jupyter-cache hashes only the code cells, so a change in
    ``lib/depthlab`` would leave pages computed by the old library. We store a hash of the
    library's source beside the cache and clear the cache when it differs.
-3. Provides the ``claims-ledger`` directive, and makes the page that uses it be read after
+3. Removes duplicate <script> tags from pages (see ``on_html_page_context``).
+4. Provides the ``claims-ledger`` directive, and makes the page that uses it be read after
    every chapter (so the chapters have run and logged their claims) and re-read on every build.
 """
 
@@ -115,9 +116,32 @@ class ClaimsLedger(SphinxDirective):
         return row
 
 
+def on_html_page_context(app, pagename, templatename, context, doctree) -> None:
+    """Drop repeated <script> entries (an inline script has filename None or "").
+
+    sphinx-thebe 0.3.1 and sphinx-togglebutton register their inline scripts twice under
+    Jupyter Book 1 with Sphinx 7; the second THEBE_JS_URL re-declares a const and throws a
+    JavaScript error in the reader's browser on every page.
+    """
+    scripts = context.get("script_files")
+    if not scripts:
+        return
+    seen, unique = set(), []
+    for js in scripts:
+        attrs = getattr(js, "attributes", {}) or {}
+        key = (str(getattr(js, "filename", js) or ""), tuple(sorted((k, str(v)) for k, v in
+                                                               attrs.items())))
+        if key not in seen:
+            seen.add(key)
+            unique.append(js)
+    scripts[:] = unique          # in place: it is the builder's own list
+
+
 def setup(app):
     app.connect("config-inited", on_config_inited, priority=100)
     app.connect("env-before-read-docs", on_env_before_read_docs)
     app.connect("env-get-outdated", on_env_get_outdated)
+    # early: html-page-context stops at the first handler that returns a template name
+    app.connect("html-page-context", on_html_page_context, priority=100)
     app.add_directive("claims-ledger", ClaimsLedger)
     return {"parallel_read_safe": False, "parallel_write_safe": True, "version": "0.1"}

@@ -1,12 +1,4 @@
-"""Shared test settings: quiet, static explorers, and a private claims ledger per session."""
-
-import os
-
 import pytest
-
-os.environ.setdefault("DEPTHLAB_QUIET", "1")
-os.environ.setdefault("DEPTHLAB_STATIC", "1")
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,12 @@ from depthlab.claims import read_ledger
 
 def test_holds_and_refuted():
     book = dl.ClaimBook("test", ledger=None)
-    v = book.check("a", "x is small", dl.below("x", 0.1, 1.0), display=False)
+    book.check("a", "x is small", dl.below("x", 0.1, 1.0), display=False)
+    v = book.verdicts["a"]
     assert v.verdict == "holds" and v.as_expected
-    v = book.check("b", "myth: x is big", dl.above("x", 0.1, 1.0), expect="refuted",
+    book.check("b", "myth: x is big", dl.above("x", 0.1, 1.0), expect="refuted",
                    display=False)
+    v = book.verdicts["b"]
     assert v.verdict == "refuted" and v.as_expected
 
 
@@ -30,15 +32,15 @@ def test_seeds_are_judged_on_the_worst_value():
 
 def test_all_comparisons_must_pass():
     book = dl.ClaimBook("test")
-    v = book.check("d", "two things", [dl.below("a", 1, 2), dl.above("b", 1, 2)],
+    book.check("d", "two things", [dl.below("a", 1, 2), dl.above("b", 1, 2)],
                    expect="refuted", display=False)
-    assert v.verdict == "refuted"
+    assert book.verdicts["d"].verdict == "refuted"
 
 
 def test_html_shows_statement_numbers_and_verdict():
     book = dl.ClaimBook("test")
-    v = book.check("e", "ratio <vanishes>", dl.below("ratio", 3.2e-9, 1e-6), display=False)
-    html = v.to_html()
+    book.check("e", "ratio <vanishes>", dl.below("ratio", 3.2e-9, 1e-6), display=False)
+    html = book.verdicts["e"].to_html()
     assert "holds" in html and "3.20e-09" in html and "&lt;vanishes&gt;" in html
 
 
@@ -64,6 +66,12 @@ def test_ledger_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("DEPTHLAB_LEDGER", str(path))
     dl.ClaimBook("ch").check("a", "s", dl.below("x", 1, 2), display=False)
     assert read_ledger(path)[0]["verdict"] == "holds"
+
+
+def test_check_displays_the_box_once_and_returns_nothing(capsys):
+    book = dl.ClaimBook("test")
+    assert book.check("f", "shown", dl.below("x", 1, 2)) is None
+    assert capsys.readouterr().out.count("[HOLDS] shown") == 1   # outside IPython: printed
 
 
 def test_bad_expectation_is_rejected():

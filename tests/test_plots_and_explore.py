@@ -16,6 +16,7 @@ def test_figure_style_and_helpers():
     fig, axes = plots.figure(2, 1, takeaway="t")
     assert isinstance(fig, Figure) and axes.shape == (1, 2)
     assert fig.get_facecolor()[:3] == (1.0, 1.0, 1.0)
+    assert fig._repr_png_().startswith(b"\x89PNG")      # displays without the inline backend
     plots.layer_profile(axes[0, 0], {"a": [1e-3, 1e-1, 1]})
     assert axes[0, 0].get_yscale() == "log" and axes[0, 0].get_xlabel()
     plots.curves(axes[0, 1], {"run": list(range(20))}, smooth=5, reference=3.0,

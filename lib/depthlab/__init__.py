@@ -12,7 +12,8 @@ Modules, each introduced in chapter 0 ("Setup and a tour of depthlab"):
 - ``explore``     interactive widgets that leave a static figure on the website
 """
 
-from . import claims, config, data, diagnostics, explore, models, plots, train
+# Modules by name (``dl.plots.figure``); ``dl.train`` is the training function, not the module.
+from . import claims, config, data, diagnostics, explore, models, plots
 from .claims import ClaimBook, above, below, between
 from .config import ConfigError, MLPConfig, TrainConfig, TransformerConfig
 from .data import IGNORE, Digits, SequenceTask
@@ -40,10 +41,12 @@ from .train import Callback, History, evaluate, pick_device, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "claims", "config", "data", "diagnostics", "explore", "models", "plots",
     "Block", "Callback", "ClaimBook", "ConfigError", "DeepMLP", "Digits", "Encoder", "History",
     "IGNORE", "LayerGradNorms", "LayerProfile", "MLPConfig", "SequenceModel", "SequenceTask",
     "TrainConfig", "TransformerConfig", "UpdateRatio", "above", "below", "between",
     "config_from_torch_layer", "evaluate", "find_layers", "gradient_profile", "init_weights",
-    "load_torch_encoder_layer", "pick_device", "record", "token_similarity", "torch_parity", "train",
+    "load_torch_encoder_layer", "pick_device", "record", "token_similarity", "torch_parity",
+    "train",
     "__version__",
 ]

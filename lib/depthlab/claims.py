@@ -180,11 +180,13 @@ class ClaimBook:
 
     def check(self, claim_id: str, statement: str, evidence: Comparison | Iterable[Comparison],
               *, expect: str = "holds", source: str = "", note: str = "",
-              display: bool = True) -> Verdict:
+              display: bool = True) -> None:
         """Judge a claim on its evidence, show the verdict, log it, and assert it.
 
         ``expect="refuted"`` marks a myth that the book refutes with this evidence.
-        Raises ``AssertionError`` if the verdict differs from ``expect``.
+        Raises ``AssertionError`` if the verdict differs from ``expect``. Like ``display``,
+        it returns nothing (so the box is not shown twice at the end of a cell); the verdict
+        is kept in ``self.verdicts[claim_id]``.
         """
         if expect not in VERDICTS:
             raise ValueError(f"expect={expect!r}; choose one of {VERDICTS}")
@@ -201,7 +203,6 @@ class ClaimBook:
             _show(v)
         if not v.as_expected:
             raise AssertionError(v.to_text())
-        return v
 
     def summary(self) -> str:
         return "\n".join(v.to_text() for v in self.verdicts.values())

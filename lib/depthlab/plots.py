@@ -29,8 +29,24 @@ STYLE = {
 }
 
 
+class BookFigure(Figure):
+    """A matplotlib Figure that displays itself as a PNG in any notebook front end.
+
+    It does not rely on the inline backend being active (the book's build, nbval and Colab all
+    configure matplotlib differently): IPython calls ``_repr_png_`` when the figure is the last
+    expression of a cell or is passed to ``display``.
+    """
+
+    def _repr_png_(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=100, facecolor="white")
+        return buf.getvalue()
+
+
 def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.2,
-           takeaway: str | None = None, **kwargs) -> tuple[Figure, np.ndarray]:
+           takeaway: str | None = None, **kwargs) -> tuple[BookFigure, np.ndarray]:
     """A figure in the book's style with an array of axes (always 2-D: ``axes[row, col]``).
 
     ``takeaway`` is the one-line message printed above the panels. The figure is made without
@@ -38,7 +54,7 @@ def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float 
     no figure piles up in pyplot's memory during a sweep.
     """
     with plt.rc_context(STYLE):
-        fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+        fig = BookFigure(figsize=(width * ncols, height * nrows), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
     fig.patch.set_facecolor("white")
     if takeaway:

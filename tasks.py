@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""The book's two commands. Needs only Python 3.10+ on the machine.
+
+    python3 tasks.py book    build the website into _build/html
+    python3 tasks.py test    run every test (unit tests, notebooks, book build, browser, lint)
+
+Both create the virtual environment ``.venv`` from requirements.txt on first use (and again
+whenever requirements.txt or pyproject.toml changes). ``test`` also installs Debian's chromium
+with apt-get when it is missing and you are root. Extra arguments after ``test`` go to pytest,
+e.g. ``python3 tasks.py test -k claims``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / "requirements.sha256"
+
+
+def run(*cmd: str | Path, **kwargs) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, **kwargs)
+
+
+def ensure_venv() -> None:
+    """Create .venv and install requirements.txt, unless it is already up to date."""
+    if sys.version_info < (3, 10):  # noqa: UP036 (this script may run on an older python3)
+        sys.exit("Python 3.10 or newer is needed")
+    want = hashlib.sha256(
+        (ROOT / "requirements.txt").read_bytes() + (ROOT / "pyproject.toml").read_bytes()
+    ).hexdigest()
+    if STAMP.exists() and STAMP.read_text().strip() == want:
+        return
+    if not (BIN / "python").exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    run(BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    run(BIN / "python", "-m", "pip", "install", "--quiet", "-r", "requirements.txt")
+    STAMP.write_text(want)
+
+
+def ensure_chromium() -> None:
+    """The browser tests use Debian's chromium (never a browser downloaded by a test tool)."""
+    if shutil.which("chromium"):
+        return
+    if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
+        run("apt-get", "update", "-qq")
+        run("apt-get", "install", "-y", "-qq", "chromium")
+    else:
+        sys.exit("chromium is missing: install Debian's package 'chromium' (apt-get install "
+                 "chromium) and run the tests again")
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e["VIRTUAL_ENV"] = str(VENV)
+    return e
+
+
+def book() -> None:
+    ensure_venv()
+    run(BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going", env=env())
+    print(f"website: {ROOT / '_build' / 'html' / 'index.html'}")
+
+
+def test(pytest_args: list[str]) -> None:
+    ensure_venv()
+    ensure_chromium()
+    run(BIN / "ruff", "check", ".", env=env())
+    # Unit tests, every chapter notebook under nbval, the -W book build, the browser check of
+    # the built site, and the Colab-pins environment test: one pytest session.
+    run(BIN / "python", "-m", "pytest", "tests", "chapters", "--nbval-lax", *pytest_args,
+        env=env())
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in {"book", "test"}:
+        sys.exit(__doc__)
+    if argv[0] == "book":
+        book()
+    else:
+        test(argv[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
