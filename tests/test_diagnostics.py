@@ -93,3 +93,54 @@ def test_layer_grad_norms_callback_removes_its_hooks():
 def test_per_layer_factor_is_the_geometric_mean():
     prof = dl.LayerProfile(np.array([1e-4, 1e-2, 1.0]), np.ones(3), *(np.zeros(3),) * 4)
     assert math.isclose(prof.per_layer_factor(), 1e-2)
+
+
+def test_product_of_jacobians_prediction_matches_measurement():
+    from depthlab.diagnostics import predicted_gradient_factors
+
+    x, y = dl.Digits(batch_size=256).batch(0)
+    for act, init in (("sigmoid", "xavier"), ("tanh", "kaiming"), ("relu", "normal")):
+        model = dl.DeepMLP(dl.MLPConfig(depth=12, activation=act, init=init))
+        measured = dl.gradient_profile(model, [(x, y)]).measured_factors()
+        predicted = predicted_gradient_factors(model, x)
+        assert predicted.shape == measured.shape == (11,)
+        # the mean-field prediction is good to about 10 % per layer at width 64
+        assert np.median(np.abs(np.log10(predicted / measured))) < 0.1, (act, init)
+
+
+def test_prediction_refuses_models_it_does_not_describe():
+    import pytest
+
+    from depthlab.diagnostics import predicted_gradient_factors
+
+    with pytest.raises(ValueError, match="plain"):
+        predicted_gradient_factors(dl.DeepMLP(dl.MLPConfig(residual=True)), torch.randn(4, 64))
+
+
+def test_softmax_jacobian_norms():
+    from depthlab.diagnostics import softmax_jacobian_norms
+
+    T = 8
+    uniform = torch.full((T,), 1 / T)
+    one_hot = torch.eye(T)[0]
+    pair = torch.tensor([0.5, 0.5] + [0.0] * (T - 2))
+    norms = softmax_jacobian_norms(torch.stack([uniform, one_hot, pair]))
+    assert torch.allclose(norms, torch.tensor([1 / T, 0.0, 0.5], dtype=torch.float64),
+                          atol=1e-9)
+
+
+def test_attention_maps_are_what_the_fused_kernel_computes():
+    from depthlab.diagnostics import attention_maps
+
+    model = dl.SequenceModel(dl.TransformerConfig(d_model=32, n_layers=3))
+    x, _ = dl.SequenceTask(n=5).batch(0)
+    maps = attention_maps(model, x)
+    assert len(maps) == 3 and maps[0].shape == (32, 4, 10, 10)
+    assert torch.allclose(maps[0].sum(-1), torch.ones(32, 4, 10), atol=1e-5)
+    assert maps[0][..., 0, 1:].abs().max() == 0            # causal: token 0 sees only itself
+    attn = model.layers[0].attn
+    h = torch.randn(2, 10, 32)
+    a = attn.attention_weights(h)                           # (B, H, T, T)
+    v = attn.qkv(h)[..., 64:].view(2, 10, 4, 8).transpose(1, 2)
+    manual = attn.proj((a @ v).transpose(1, 2).reshape(2, 10, 32))
+    assert (manual - attn(h)).abs().max() < 1e-5

@@ -160,6 +160,10 @@ class LayerProfile:
         """First-layer / last-layer weight-gradient norm."""
         return float(self.weight_grad_norm[0] / self.weight_grad_norm[-1])
 
+    def measured_factors(self) -> np.ndarray:
+        """‖∂L/∂h_{l-1}‖ / ‖∂L/∂h_l‖ for l = 1..L-1: what one layer does to the gradient."""
+        return self.act_grad_norm[:-1] / self.act_grad_norm[1:]
+
     def per_layer_factor(self) -> float:
         """Geometric-mean change of the gradient norm per layer, going from output to input."""
         return float(self.ratio ** (1.0 / max(1, self.n_layers - 1)))
@@ -217,6 +221,73 @@ def gradient_profile(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
     if keep_samples:
         profile.recorder = rec  # type: ignore[attr-defined]
     return profile
+
+
+def softmax_jacobian_norms(probs: Tensor) -> Tensor:
+    """Spectral norm of the softmax Jacobian J = diag(p) − p pᵀ for every row p of ``probs``.
+
+    probs: (..., T) rows summing to 1 -> (...,). The norm is at most 1/2 (two tokens sharing
+    the weight equally), 0 for a one-hot row, and 1/T for a uniform row over T tokens
+    (chapter 1): near-uniform attention at initialisation passes little gradient to the scores.
+    """
+    p = probs.double()
+    jac = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)   # (..., T, T), symmetric
+    return torch.linalg.eigvalsh(jac).abs().amax(dim=-1)
+
+
+def attention_maps(model: nn.Module, inputs: Tensor) -> list[Tensor]:
+    """Attention matrices of every ``SelfAttention`` in ``model`` on one batch, in order.
+
+    Returns a list of (B, H, T, T) tensors (detached). Works through forward pre-hooks, so the
+    model runs its usual fused attention and is left unchanged.
+    """
+    from .models import SelfAttention
+
+    captured: list[Tensor] = []
+    modules = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    handles = [m.register_forward_pre_hook(
+        lambda mod, args: captured.append(mod.attention_weights(args[0]).detach()))
+        for m in modules]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def predicted_gradient_factors(model: nn.Module, inputs: Tensor) -> np.ndarray:
+    """The product-of-Jacobians prediction for a plain ``DeepMLP`` (no norm, no skips).
+
+    Backpropagation through layer l multiplies the gradient by Wₗᵀ·diag(φ'(aₗ)). For weights
+    with i.i.d. entries this scales a vector's norm by about ‖Wₗ‖_F/√n_out, and the diagonal
+    scales it by the root mean square of φ'(aₗ) over units and examples. The prediction for
+    ‖∂L/∂h_{l-1}‖ / ‖∂L/∂h_l‖ is the product of the two, for l = 1..L-1 -> (L-1,) array.
+    Compare with ``LayerProfile.measured_factors()`` (chapter 1).
+    """
+    from .models import MLPLayer
+
+    layers = [m for m in find_layers(model) if isinstance(m, MLPLayer)]
+    if any(layer.residual or not isinstance(layer.norm, nn.Identity) for layer in layers):
+        raise ValueError("the prediction is for plain MLP layers (no norm, no residual)")
+    pre: list[Tensor] = []
+    handles = [layer.linear.register_forward_hook(lambda m, a, out: pre.append(out.detach()))
+               for layer in layers]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    factors = []
+    for layer, a in list(zip(layers, pre))[1:]:
+        a = a.clone().requires_grad_(True)
+        (dphi,) = torch.autograd.grad(layer.act(a).sum(), a)   # φ'(a), elementwise
+        w = layer.linear.weight.detach().double()
+        scale = w.norm() / math.sqrt(w.shape[0])
+        factors.append(float(scale * dphi.double().pow(2).mean().sqrt()))
+    return np.array(factors)
 
 
 class UpdateRatio(Callback):

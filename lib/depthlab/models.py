@@ -167,6 +167,23 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, D)                 # (B, T, D)
         return self.proj(y)
 
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """The softmax attention matrix, written out: x (B, T, D) -> A (B, H, T, T).
+
+        ``forward`` never forms A (the fused kernel does not); this is for inspection
+        (chapter 1) and matches what the kernel computes.
+        """
+        B, T, D = x.shape
+        H = self.n_heads
+        q, k, _ = self.qkv(x).split(D, dim=-1)
+        q = q.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
+        k = k.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D // H)   # (B, H, T, T)
+        if self.causal:
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return scores.softmax(dim=-1)
+
 
 class MLP(nn.Module):
     """Position-wise feed-forward network: D -> mlp_ratio·D -> D. x: (B, T, D) -> (B, T, D)."""
