@@ -66,3 +66,13 @@ def test_explorer_rejects_a_default_outside_the_options():
 def test_public_api_is_importable():
     for name in dl.__all__:
         assert hasattr(dl, name), name
+
+
+def test_versus_and_parity_plots():
+    fig, axes = plots.figure(2)
+    plots.versus(axes[0, 0], [5, 10, 20], {"a": [1, 1e-3, 1e-6]}, xlabel="depth",
+                 ylabel="ratio", logy=True, reference=1.0)
+    assert axes[0, 0].get_yscale() == "log" and len(axes[0, 0].lines) == 2
+    plots.predicted_vs_measured(axes[0, 1], {"x": 1e-3, "y": 2.0}, {"x": 2e-3, "y": 1.5},
+                                quantity="ratio")
+    assert len(axes[0, 1].texts) == 2 and axes[0, 1].get_xscale() == "log"

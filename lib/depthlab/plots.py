@@ -145,3 +145,48 @@ def histograms(ax: Axes, samples: Mapping[str, np.ndarray], *, xlabel: str, bins
         ax.set_title(title)
     ax.legend()
     return ax
+
+
+def versus(ax: Axes, x: Sequence[float], series: Mapping[str, Sequence[float]], *,
+           xlabel: str, ylabel: str, logx: bool = False, logy: bool = False,
+           title: str | None = None, reference: float | None = None,
+           reference_label: str | None = None) -> Axes:
+    """One line per label of y against a shared x (e.g. gradient ratio against depth)."""
+    for label, y in series.items():
+        ax.plot(list(x), np.asarray(y, dtype=float), marker="o", markersize=4, label=label)
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    return ax
+
+
+def predicted_vs_measured(ax: Axes, predicted: Mapping[str, float],
+                          measured: Mapping[str, float], *, quantity: str,
+                          log: bool = True, title: str | None = None) -> Axes:
+    """Parity plot: each labelled point at (measured, predicted), with the line y = x."""
+    labels = list(predicted)
+    p = np.array([predicted[k] for k in labels], dtype=float)
+    m = np.array([measured[k] for k in labels], dtype=float)
+    ax.scatter(m, p, s=18, zorder=3)
+    for label, xi, yi in zip(labels, m, p):
+        ax.annotate(label, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    lo, hi = np.nanmin(np.r_[p, m]), np.nanmax(np.r_[p, m])
+    ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1,
+            label="prediction = measurement")
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel(f"measured {quantity}")
+    ax.set_ylabel(f"predicted {quantity}")
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    return ax
