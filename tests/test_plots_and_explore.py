@@ -76,3 +76,12 @@ def test_versus_and_parity_plots():
     plots.predicted_vs_measured(axes[0, 1], {"x": 1e-3, "y": 2.0}, {"x": 2e-3, "y": 1.5},
                                 quantity="ratio")
     assert len(axes[0, 1].texts) == 2 and axes[0, 1].get_xscale() == "log"
+
+
+def test_api_table_documents_every_public_function():
+    table = dl.api_table()
+    rows = table.splitlines()[2:]
+    assert len(rows) > 40
+    assert not [r for r in rows if r.endswith("|  |")], "public names without a docstring"
+    for name in ("gradient_profile", "ClaimBook", "explorer", "figure", "train"):
+        assert f"`{name}`" in table

@@ -50,3 +50,29 @@ __all__ = [
     "train",
     "__version__",
 ]
+
+
+
+def api_table() -> str:
+    """The public API as a Markdown table: module, name, first sentence of the docstring.
+
+    Lists every public class and function defined in each module, generated from the code so
+    that the tour chapter's reference can never fall behind it.
+    """
+    import inspect
+
+    rows = ["| module | name | what it is |", "|---|---|---|"]
+    import importlib
+
+    train_mod = importlib.import_module(__name__ + ".train")  # dl.train is the function
+    for mod in (config, models, data, train_mod, diagnostics, plots, claims, explore):
+        short = mod.__name__.replace("depthlab.", "")
+        for name, obj in vars(mod).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            doc = (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ")
+            rows.append(f"| `{short}` | `{name}` | {doc.replace('|', '/')} |")
+    return "\n".join(rows)
+

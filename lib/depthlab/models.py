@@ -131,6 +131,7 @@ def make_norm(kind: str, d: int, eps: float = 1e-5) -> nn.Module:
 
 
 def make_activation(name: str) -> nn.Module:
+    """The activation module named by a config's ``activation``."""
     return {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
             "identity": nn.Identity}[name]()
 

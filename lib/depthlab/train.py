@@ -106,6 +106,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(params: Iterable[Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser named by ``cfg.optimizer`` with its learning rate, betas and decay."""
     # foreach=True batches the per-tensor updates: about 2x faster for our small models on CPU,
     # where PyTorch would otherwise pick the one-tensor-at-a-time loop.
     if cfg.optimizer == "sgd":
