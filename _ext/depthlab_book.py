@@ -69,8 +69,9 @@ def on_env_get_outdated(app, env, added, changed, removed) -> list[str]:
     return [LEDGER_DOCNAME] if LEDGER_DOCNAME in env.found_docs else []
 
 
+
 class ClaimsLedger(SphinxDirective):
-    """Renders every claim in the ledger as a table: chapter, claim, expected, verdict, evidence."""
+    """Renders the ledger: one section per chapter, a table of claim, verdict and evidence."""
 
     def run(self):
         path = _ledger_path(self.env.app)
@@ -78,40 +79,64 @@ class ClaimsLedger(SphinxDirective):
         records.sort(key=lambda r: (r["chapter"], r.get("order", 0)))
         if not records:
             return [nodes.paragraph(text="No claims have been checked in this build yet.")]
-        counts = {}
+        counts: dict[str, int] = {}
         for r in records:
             counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
-        summary = nodes.paragraph(text=(
+        out = [nodes.paragraph(text=(
             f"{len(records)} claims checked in this build: "
             + ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
-            + ". Every verdict matched the one the chapter states, or the build would have failed."
-        ))
+            + ". Every verdict matched the one its chapter states, or the build would have "
+            "failed."))]
+        chapters = sorted({r["chapter"] for r in records})
+        for chapter in chapters:
+            out.append(self._chapter_heading(chapter))
+            out.append(self._table([r for r in records if r["chapter"] == chapter]))
+        return out
+
+    def _chapter_heading(self, chapter: str) -> nodes.Node:
+        docname = f"chapters/{chapter}"
+        para = nodes.paragraph()
+        title = self.env.titles.get(docname)
+        text = title.astext() if title is not None else chapter
+        if docname in self.env.found_docs:
+            uri = self.env.app.builder.get_relative_uri(self.env.docname, docname)
+            para += nodes.strong("", "", nodes.reference("", text, refuri=uri))
+        else:
+            para += nodes.strong(text=text)
+        return para
+
+    def _table(self, records: list[dict]) -> nodes.table:
         table = nodes.table(classes=["claims-ledger"])
-        headers = ["Chapter", "Claim", "Verdict", "Evidence (measured in this build)"]
-        group = nodes.tgroup(cols=len(headers))
+        group = nodes.tgroup(cols=3)
         table += group
-        for width in (12, 38, 10, 40):
+        for width in (45, 12, 43):
             group += nodes.colspec(colwidth=width)
         head = nodes.thead()
         group += head
-        head += self._row(headers)
+        head += self._row([nodes.paragraph(text=t) for t in
+                           ("Claim", "Verdict", "Evidence measured in this build")])
         body = nodes.tbody()
         group += body
         for r in records:
-            claim = f"{r['claim_id']}: {r['statement']}"
+            claim = nodes.paragraph()
+            claim += nodes.literal(text=r["claim_id"])
+            claim += nodes.Text(f" {r['statement']}")
             if r.get("source"):
-                claim += f" ({r['source']})"
-            verdict = r["verdict"] if r["verdict"] == "holds" else "refuted (myth)"
-            evidence = "; ".join(e["text"] for e in r["evidence"])
-            body += self._row([r["chapter"], claim, verdict, evidence])
-        return [summary, table]
+                claim += nodes.emphasis(text=f" ({r['source']})")
+            verdict = nodes.paragraph(text="holds" if r["verdict"] == "holds"
+                                      else "refuted (myth)")
+            evidence = nodes.bullet_list()
+            for e in r["evidence"]:
+                evidence += nodes.list_item("", nodes.paragraph(text=e["text"]))
+            body += self._row([claim, verdict, evidence])
+        return table
 
     @staticmethod
-    def _row(cells: list[str]) -> nodes.row:
+    def _row(cells: list[nodes.Node]) -> nodes.row:
         row = nodes.row()
-        for text in cells:
+        for cell in cells:
             entry = nodes.entry()
-            entry += nodes.paragraph(text=text)
+            entry += cell
             row += entry
         return row
 
