@@ -24,8 +24,9 @@ def test_unexpected_verdict_raises_with_the_numbers():
 
 
 def test_seeds_are_judged_on_the_worst_value():
-    c = dl.below("ratio", [1e-9, 1e-8, 0.5], 1e-3)
-    assert not c.passed and "3 seeds" in c.describe()
+    c = dl.below("ratio", [1e-9, 1e-8, 0.5], 1e-3, over="seeds")
+    assert not c.passed and "over 3 seeds" in c.describe()
+    assert "over 2 values" in dl.above("x", [1, 2], 0).describe()
     assert dl.between("acc", [0.4, 0.6], 0.3, 0.7).passed
     assert not dl.below("nan", float("nan"), 1.0).passed
 

@@ -144,3 +144,26 @@ def test_attention_maps_are_what_the_fused_kernel_computes():
     v = attn.qkv(h)[..., 64:].view(2, 10, 4, 8).transpose(1, 2)
     manual = attn.proj((a @ v).transpose(1, 2).reshape(2, 10, 32))
     assert (manual - attn(h)).abs().max() < 1e-5
+
+
+def test_jacobian_singular_values():
+    from depthlab.diagnostics import jacobian_singular_values
+
+    w = torch.randn(5, 5)
+    sv = jacobian_singular_values(lambda v: w @ v, torch.randn(5))
+    assert torch.allclose(sv, torch.linalg.svdvals(w.double()), atol=1e-5)
+    ident = jacobian_singular_values(lambda v: v * 1.0, torch.randn(2, 3))
+    assert torch.allclose(ident, torch.ones(6, dtype=torch.float64))
+
+
+def test_ablate_removes_a_layer_and_puts_it_back():
+    from depthlab.diagnostics import ablate
+
+    model = dl.DeepMLP(dl.MLPConfig(depth=4, residual=True))
+    x = torch.randn(3, 64)
+    before = model(x)
+    third = model.layers[2]
+    with ablate(model, 2):
+        assert isinstance(model.layers[2], nn.Identity)
+        assert not torch.allclose(model(x), before)
+    assert model.layers[2] is third and torch.equal(model(x), before)

@@ -190,3 +190,12 @@ def test_explicit_norm_formulas_match_fused_kernels():
     flat = x.reshape(-1, 8)
     ref = F.batch_norm(flat, None, None, w, b, training=True).reshape(x.shape)
     assert (models.batch_norm(x, w, b) - ref).abs().max() <= TOL
+
+
+def test_tutorial_bert_layer_equals_a_post_ln_block():
+    from depthlab.reference import TutorialEncoderLayer, tutorial_parity
+
+    torch.manual_seed(0)
+    layer = TutorialEncoderLayer(64, 4, 256, dropout=0.1)
+    assert tutorial_parity(layer, torch.randn(3, 9, 64)) <= TOL
+    assert layer.training                                   # mode restored

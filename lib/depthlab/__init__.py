@@ -10,10 +10,11 @@ Modules, each introduced in chapter 0 ("Setup and a tour of depthlab"):
 - ``plots``       the book's figure style and plot helpers
 - ``claims``      checked claims with visible verdicts and a JSON ledger
 - ``explore``     interactive widgets that leave a static figure on the website
+- ``reference``   layers written as tutorials write them, to compare against (chapter 2)
 """
 
 # Modules by name (``dl.plots.figure``); ``dl.train`` is the training function, not the module.
-from . import claims, config, data, diagnostics, explore, models, plots
+from . import claims, config, data, diagnostics, explore, models, plots, reference
 from .claims import ClaimBook, above, below, between
 from .config import ConfigError, MLPConfig, TrainConfig, TransformerConfig
 from .data import IGNORE, Digits, SequenceTask
@@ -41,7 +42,7 @@ from .train import Callback, History, evaluate, pick_device, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "claims", "config", "data", "diagnostics", "explore", "models", "plots",
+    "claims", "config", "data", "diagnostics", "explore", "models", "plots", "reference",
     "Block", "Callback", "ClaimBook", "ConfigError", "DeepMLP", "Digits", "Encoder", "History",
     "IGNORE", "LayerGradNorms", "LayerProfile", "MLPConfig", "SequenceModel", "SequenceTask",
     "TrainConfig", "TransformerConfig", "UpdateRatio", "above", "below", "between",
@@ -65,7 +66,8 @@ def api_table() -> str:
     import importlib
 
     train_mod = importlib.import_module(__name__ + ".train")  # dl.train is the function
-    for mod in (config, models, data, train_mod, diagnostics, plots, claims, explore):
+    for mod in (config, models, data, train_mod, diagnostics, plots, claims, explore,
+                reference):
         short = mod.__name__.replace("depthlab.", "")
         for name, obj in vars(mod).items():
             if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:

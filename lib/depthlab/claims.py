@@ -57,6 +57,7 @@ class Comparison:
     values: tuple[float, ...]
     op: str                  # "<", ">", "in"
     bound: tuple[float, ...]
+    over: str = "values"     # what several values are: "seeds", "depths", "configurations"
 
     @property
     def passed(self) -> bool:
@@ -73,7 +74,7 @@ class Comparison:
     def describe(self) -> str:
         vals = self.values
         shown = (_fmt(vals[0]) if len(vals) == 1
-                 else f"{_fmt(min(vals))} to {_fmt(max(vals))} over {len(vals)} seeds")
+                 else f"{_fmt(min(vals))} to {_fmt(max(vals))} over {len(vals)} {self.over}")
         if self.op == "in":
             rule = f"in [{_fmt(self.bound[0])}, {_fmt(self.bound[1])}]"
         else:
@@ -82,20 +83,25 @@ class Comparison:
         return f"{self.quantity} = {shown}  (needs {rule}) {mark}"
 
 
-def below(quantity: str, value: float | Sequence[float], bound: float) -> Comparison:
-    """Evidence that ``value`` (every value, if several) is below ``bound``."""
-    return Comparison(quantity, tuple(_values(value)), "<", (float(bound),))
+def below(quantity: str, value: float | Sequence[float], bound: float, *,
+          over: str = "values") -> Comparison:
+    """Evidence that ``value`` (every value, if several) is below ``bound``.
+
+    ``over`` names what the several values are ("seeds", "depths") in the verdict text.
+    """
+    return Comparison(quantity, tuple(_values(value)), "<", (float(bound),), over)
 
 
-def above(quantity: str, value: float | Sequence[float], bound: float) -> Comparison:
+def above(quantity: str, value: float | Sequence[float], bound: float, *,
+          over: str = "values") -> Comparison:
     """Evidence that ``value`` (every value, if several) is above ``bound``."""
-    return Comparison(quantity, tuple(_values(value)), ">", (float(bound),))
+    return Comparison(quantity, tuple(_values(value)), ">", (float(bound),), over)
 
 
-def between(quantity: str, value: float | Sequence[float], low: float,
-            high: float) -> Comparison:
+def between(quantity: str, value: float | Sequence[float], low: float, high: float, *,
+            over: str = "values") -> Comparison:
     """Evidence that ``value`` (every value, if several) lies in [low, high]."""
-    return Comparison(quantity, tuple(_values(value)), "in", (float(low), float(high)))
+    return Comparison(quantity, tuple(_values(value)), "in", (float(low), float(high)), over)
 
 
 @dataclass(frozen=True)

@@ -290,6 +290,36 @@ def predicted_gradient_factors(model: nn.Module, inputs: Tensor) -> np.ndarray:
     return np.array(factors)
 
 
+def jacobian_singular_values(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Singular values of the Jacobian of ``fn`` at ``x``, computed with autograd.
+
+    ``fn`` maps a tensor shaped like x to any tensor; the Jacobian is taken between the
+    flattened input and output, so keep x small (one example: a few hundred numbers).
+    Returns a float64 vector sorted in decreasing order (chapter 2).
+    """
+    jac = torch.autograd.functional.jacobian(fn, x.detach())      # (*out_shape, *x.shape)
+    out_size = jac.numel() // x.numel()
+    return torch.linalg.svdvals(jac.reshape(out_size, x.numel()).double())
+
+
+@contextlib.contextmanager
+def ablate(model: nn.Module, index: int, layers: Sequence[nn.Module] | None = None):
+    """Delete layer ``index`` (replace it with the identity) inside a ``with`` block.
+
+    For a residual layer this leaves only its skip connection; for a plain layer it passes its
+    input straight on. The layer is put back on exit (Veit et al. 2016; chapter 2).
+    """
+    container = getattr(model, "layers", None) if layers is None else layers
+    if not isinstance(container, nn.ModuleList):
+        raise ValueError("ablate needs model.layers (an nn.ModuleList) or layers=...")
+    original = container[index]
+    container[index] = nn.Identity()
+    try:
+        yield model
+    finally:
+        container[index] = original
+
+
 class UpdateRatio(Callback):
     """Log10 of ‖ΔW‖ / ‖W‖ per layer and step, over the weight matrices of each layer.
 

@@ -157,7 +157,11 @@ def versus(ax: Axes, x: Sequence[float], series: Mapping[str, Sequence[float]], 
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
     if logx:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.set_xticks(list(x), [str(v) for v in x])          # label the measured x values only
+        ax.xaxis.set_minor_formatter(NullFormatter())
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)

@@ -1,0 +1,78 @@
+"""Reference layers written the way tutorials and blog posts write them, for comparison.
+
+``TutorialEncoderLayer`` is a BERT-style encoder layer built on ``nn.MultiheadAttention``, the
+form readers meet in tutorials: Post-LN, GELU, dropout on both branches. Chapter 2 loads its
+weights into a depthlab ``Block`` and shows the two compute the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import TransformerConfig
+from .models import Block
+
+
+class TutorialEncoderLayer(nn.Module):
+    """x -> LN(x + MHA(x)) -> LN(· + FFN(·)), as in BERT (Post-LN). x: (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, d_model: int = 64, n_heads: int = 4, d_ff: int = 256,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(d_model, n_heads, dropout=dropout,
+                                               batch_first=True)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.feed_forward = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(),
+                                          nn.Linear(d_ff, d_model))
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        attended, _ = self.attention(x, x, x, key_padding_mask=key_padding_mask,
+                                     need_weights=False)
+        x = self.norm1(x + self.dropout(attended))            # add, then normalise: Post-LN
+        return self.norm2(x + self.dropout(self.feed_forward(x)))
+
+    def depthlab_config(self) -> TransformerConfig:
+        """The ``TransformerConfig`` of the equivalent one-block depthlab stack."""
+        d = self.norm1.normalized_shape[0]
+        return TransformerConfig(
+            d_model=d, n_heads=self.attention.num_heads, n_layers=1,
+            mlp_ratio=self.feed_forward[0].out_features / d, norm_placement="post",
+            norm_kind="layer", final_norm=False, causal=False, activation="gelu",
+            norm_eps=self.norm1.eps, dropout=self.dropout.p)
+
+
+@torch.no_grad()
+def load_tutorial_layer(block: Block, layer: TutorialEncoderLayer) -> Block:
+    """Copy a ``TutorialEncoderLayer``'s weights into a Post-LN depthlab ``Block``."""
+    mha = layer.attention
+    block.attn.qkv.weight.copy_(mha.in_proj_weight)
+    block.attn.qkv.bias.copy_(mha.in_proj_bias)
+    block.attn.proj.weight.copy_(mha.out_proj.weight)
+    block.attn.proj.bias.copy_(mha.out_proj.bias)
+    block.mlp.fc1.weight.copy_(layer.feed_forward[0].weight)
+    block.mlp.fc1.bias.copy_(layer.feed_forward[0].bias)
+    block.mlp.fc2.weight.copy_(layer.feed_forward[2].weight)
+    block.mlp.fc2.bias.copy_(layer.feed_forward[2].bias)
+    for ours, theirs in ((block.norm1, layer.norm1), (block.norm2, layer.norm2)):
+        ours.weight.copy_(theirs.weight)
+        ours.bias.copy_(theirs.bias)
+    return block
+
+
+def tutorial_parity(layer: TutorialEncoderLayer, x: Tensor) -> float:
+    """Max abs output difference between ``layer`` and a depthlab Block loaded with its weights.
+
+    Both are compared in eval mode (dropout off). x: (B, T, D).
+    """
+    block = load_tutorial_layer(Block(layer.depthlab_config()), layer)
+    was_training = layer.training
+    layer.eval()
+    block.eval()
+    try:
+        with torch.no_grad():
+            return (layer(x) - block(x)).abs().max().item()
+    finally:
+        layer.train(was_training)
