@@ -85,3 +85,15 @@ def test_api_table_documents_every_public_function():
     assert not [r for r in rows if r.endswith("|  |")], "public names without a docstring"
     for name in ("gradient_profile", "ClaimBook", "explorer", "figure", "train"):
         assert f"`{name}`" in table
+
+
+def test_norm_axes_diagram_highlights_the_pooled_entries():
+    fig, axes = plots.figure(2)
+    plots.norm_axes_diagram(axes[0, 0], "batch", batch=2, tokens=3, features=4)
+    plots.norm_axes_diagram(axes[0, 1], "layer", batch=2, tokens=3, features=4)
+
+    def orange(ax):
+        return sum(p.get_facecolor()[:3] != (1.0, 1.0, 1.0) for p in ax.patches)
+
+    assert orange(axes[0, 0]) == 6           # one feature over all 2*3 tokens
+    assert orange(axes[0, 1]) == 4           # one token's 4 features

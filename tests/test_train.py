@@ -98,3 +98,17 @@ def test_bf16_autocast_runs_on_cpu():
     task = dl.SequenceTask("sort", n=4, batch_size=8)
     hist = dl.train(dl.SequenceModel(SMALL), task, dl.TrainConfig(steps=3, amp="bf16"))
     assert hist.steps_run == 3 and all(math.isfinite(v) for v in hist.loss)
+
+
+def test_evaluate_with_batch_statistics_leaves_running_stats_alone():
+    model = dl.DeepMLP(dl.MLPConfig(depth=2, norm_kind="batch"))
+    digits = dl.Digits(batch_size=8)
+    dl.train(model, digits, dl.TrainConfig(steps=20, lr=1e-3))
+    before = model.layers[0].norm.running_mean.clone()
+    x, y = digits.test
+    eval_mode = dl.evaluate(model, x, y)
+    batch_mode = dl.evaluate(model, x, y, batch_size=2, batch_stats=True)
+    assert torch.equal(model.layers[0].norm.running_mean, before)
+    assert model.training
+    assert abs(eval_mode["loss"] - batch_mode["loss"]) > 1e-3   # the statistics matter
+    assert 0 <= batch_mode["accuracy"] <= 1

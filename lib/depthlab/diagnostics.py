@@ -320,6 +320,29 @@ def ablate(model: nn.Module, index: int, layers: Sequence[nn.Module] | None = No
         container[index] = original
 
 
+def compare_times(fns: dict[str, Callable[[], object]], repeats: int = 200,
+                  rounds: int = 5) -> dict[str, float]:
+    """Median seconds per call of each function, measured interleaved.
+
+    Each round times ``repeats`` calls of every function in turn, so that load on the machine
+    hits all of them alike; the median over ``rounds`` is returned. Compare the results as
+    ratios, measured in the same run (chapter 3).
+    """
+    import statistics
+    import time
+
+    for fn in fns.values():                                   # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            times[name].append((time.perf_counter() - start) / repeats)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 class UpdateRatio(Callback):
     """Log10 of ‖ΔW‖ / ‖W‖ per layer and step, over the weight matrices of each layer.
 

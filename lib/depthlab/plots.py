@@ -194,3 +194,37 @@ def predicted_vs_measured(ax: Axes, predicted: Mapping[str, float],
         ax.set_title(title)
     ax.legend()
     return ax
+
+
+def norm_axes_diagram(ax: Axes, kind: str, *, batch: int = 3, tokens: int = 4,
+                      features: int = 6) -> Axes:
+    """Which entries of a (B, T, D) tensor share one mean and variance, for a norm ``kind``.
+
+    Rows are the B·T tokens (grouped by sequence), columns the D features; the highlighted
+    cells are pooled into one statistic: a column for BatchNorm (one feature over every token
+    of every sequence), a row for LayerNorm and RMSNorm (one token's features). (Chapter 3.)
+    """
+    from matplotlib.patches import Rectangle
+
+    rows = batch * tokens
+    for r in range(rows):
+        for c in range(features):
+            pooled = (c == 1) if kind == "batch" else (r == 1)
+            ax.add_patch(Rectangle((c, rows - 1 - r), 1, 1, edgecolor="grey",
+                                   facecolor="tab:orange" if pooled else "white"))
+    for b in range(1, batch):                                 # separate the sequences
+        ax.axhline(rows - b * tokens, color="black", linewidth=2)
+    ax.set_xlim(0, features)
+    ax.set_ylim(0, rows)
+    ax.set_aspect("equal")
+    ax.set_xticks([i + 0.5 for i in range(features)], [f"d{i}" for i in range(features)])
+    ax.set_yticks([rows - 1 - r + 0.5 for r in range(rows)],
+                  [f"b{r // tokens} t{r % tokens}" for r in range(rows)], fontsize=7)
+    ax.set_xlabel("feature axis D")
+    ax.set_ylabel("tokens: sequence b, position t")
+    ax.grid(False)
+    names = {"batch": "BatchNorm: one feature, all B·T tokens",
+             "layer": "LayerNorm: one token, all D features (mean and variance)",
+             "rms": "RMSNorm: one token, all D features (root mean square only)"}
+    ax.set_title(names.get(kind, kind), fontsize=9)
+    return ax

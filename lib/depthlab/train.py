@@ -254,13 +254,33 @@ def _grad_scaler(device: torch.device, amp: str):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict[str, float]:
-    """Loss and accuracy of ``model`` on one batch, in eval mode (restores the previous mode)."""
+def evaluate(model: nn.Module, inputs: Tensor, targets: Tensor, *,
+             batch_size: int | None = None, batch_stats: bool = False) -> dict[str, float]:
+    """Loss and accuracy of ``model`` on ``inputs``, in mini-batches of ``batch_size``.
+
+    By default in eval mode (BatchNorm uses its running statistics). ``batch_stats=True``
+    evaluates a copy of the model in training mode, so that every BatchNorm normalises with
+    the statistics of the current mini-batch, as during training (chapter 3); the model
+    itself, and its running statistics, are left untouched either way.
+    """
+    import copy
+
+    target = copy.deepcopy(model) if batch_stats else model
     was_training = model.training
-    model.eval()
+    target.train(batch_stats)
     device = next(model.parameters()).device
+    size = batch_size or len(inputs)
+    losses, hits, counted = 0.0, 0.0, 0
     try:
-        loss, acc = loss_and_accuracy(model(inputs.to(device)), targets.to(device))
+        for start in range(0, len(inputs), size):
+            x, y = inputs[start:start + size], targets[start:start + size]
+            if batch_stats and len(x) < 2:                     # BatchNorm needs 2 examples
+                break
+            loss, acc = loss_and_accuracy(target(x.to(device)), y.to(device))
+            n = int((y != IGNORE).sum())
+            losses += loss.item() * n
+            hits += acc.item() * n
+            counted += n
     finally:
         model.train(was_training)
-    return {"loss": loss.item(), "accuracy": acc.item()}
+    return {"loss": losses / counted, "accuracy": hits / counted}
