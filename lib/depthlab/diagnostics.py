@@ -235,6 +235,16 @@ def softmax_jacobian_norms(probs: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(jac).abs().amax(dim=-1)
 
 
+def _run_once(model: nn.Module, inputs: Tensor, handles: list) -> None:
+    """One forward pass without gradients, then remove the hooks whatever happens."""
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def attention_maps(model: nn.Module, inputs: Tensor) -> list[Tensor]:
     """Attention matrices of every ``SelfAttention`` in ``model`` on one batch, in order.
 
@@ -248,12 +258,7 @@ def attention_maps(model: nn.Module, inputs: Tensor) -> list[Tensor]:
     handles = [m.register_forward_pre_hook(
         lambda mod, args: captured.append(mod.attention_weights(args[0]).detach()))
         for m in modules]
-    try:
-        with torch.no_grad():
-            model(inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_once(model, inputs, handles)
     return captured
 
 
@@ -274,12 +279,7 @@ def predicted_gradient_factors(model: nn.Module, inputs: Tensor) -> np.ndarray:
     pre: list[Tensor] = []
     handles = [layer.linear.register_forward_hook(lambda m, a, out: pre.append(out.detach()))
                for layer in layers]
-    try:
-        with torch.no_grad():
-            model(inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_once(model, inputs, handles)
     factors = []
     for layer, a in list(zip(layers, pre))[1:]:
         a = a.clone().requires_grad_(True)

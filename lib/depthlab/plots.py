@@ -45,6 +45,16 @@ class BookFigure(Figure):
         return buf.getvalue()
 
 
+def _label(ax: Axes, xlabel: str, ylabel: str, title: str | None) -> Axes:
+    """Axis labels, optional title and the legend: the last step of every line plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    return ax
+
+
 def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.2,
            takeaway: str | None = None, **kwargs) -> tuple[BookFigure, np.ndarray]:
     """A figure in the book's style with an array of axes (always 2-D: ``axes[row, col]``).
@@ -95,12 +105,7 @@ def curves(ax: Axes, runs: Mapping[str, Sequence[float]], *, ylabel: str = "trai
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.legend()
-    return ax
+    return _label(ax, xlabel, ylabel, title)
 
 
 def heatmap(ax: Axes, values: np.ndarray, row_labels: Sequence, col_labels: Sequence, *,
@@ -164,12 +169,7 @@ def versus(ax: Axes, x: Sequence[float], series: Mapping[str, Sequence[float]], 
         ax.xaxis.set_minor_formatter(NullFormatter())
     if logy:
         ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.legend()
-    return ax
+    return _label(ax, xlabel, ylabel, title)
 
 
 def predicted_vs_measured(ax: Axes, predicted: Mapping[str, float],
