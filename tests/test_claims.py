@@ -78,3 +78,11 @@ def test_check_displays_the_box_once_and_returns_nothing(capsys):
 def test_bad_expectation_is_rejected():
     with pytest.raises(ValueError, match="expect"):
         dl.ClaimBook("t").check("a", "s", dl.below("x", 1, 2), expect="maybe")
+
+
+def test_span_prints_the_range_over_seeds():
+    from depthlab.claims import span
+
+    assert span([0.61, 0.573, 0.6]) == "0.57–0.61"
+    assert span(0.5) == "0.50"
+    assert span([1e-7, 3e-6], fmt="{:.0e}") == "1e-07–3e-06"

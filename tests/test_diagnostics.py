@@ -167,3 +167,34 @@ def test_ablate_removes_a_layer_and_puts_it_back():
         assert isinstance(model.layers[2], nn.Identity)
         assert not torch.allclose(model(x), before)
     assert model.layers[2] is third and torch.equal(model(x), before)
+
+
+def test_output_change_sees_batchnorm_mixing_sequences_and_not_layernorm():
+    from depthlab.diagnostics import output_change
+
+    torch.manual_seed(0)
+    x = torch.randint(1, 16, (6, 10))
+    others = x.clone()
+    others[1:] = torch.randint(1, 16, (5, 10))               # sequence 0 stays the same
+    change = {}
+    for kind in ("layer", "batch"):
+        model = dl.SequenceModel(dl.TransformerConfig(d_model=32, n_layers=2, norm_kind=kind))
+        model.eval()
+        change[kind] = output_change(model, x, others, at=0)
+        assert not model.training                           # mode restored
+        assert output_change(model, x, others, at=0, train_mode=False) == 0.0  # running stats
+    assert change["layer"] == 0.0
+    assert change["batch"] > 1e-2
+
+
+def test_compare_times_returns_every_function_and_can_include_backward():
+    from depthlab.diagnostics import compare_times
+
+    w = torch.ones(3, requires_grad=True)
+    calls = []
+    seconds = compare_times({"a": lambda: calls.append(1), "b": lambda: None}, repeats=2,
+                            rounds=3)
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+    assert len(calls) == 1 + 2 * 3                            # warm-up, then rounds x repeats
+    compare_times({"grad": lambda: 2 * w}, repeats=2, rounds=1, backward=True)
+    assert torch.equal(w.grad, torch.full((3,), 2.0 * 3))     # 3 backward passes of d(2w)/dw

@@ -199,3 +199,16 @@ def test_tutorial_bert_layer_equals_a_post_ln_block():
     layer = TutorialEncoderLayer(64, 4, 256, dropout=0.1)
     assert tutorial_parity(layer, torch.randn(3, 9, 64)) <= TOL
     assert layer.training                                   # mode restored
+
+
+def test_written_out_norms_match_pytorch_layers_on_btd_tensors():
+    from depthlab.reference import norm_parity
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 16) * 2 + 0.5
+    diffs = norm_parity(x)
+    assert set(diffs) == {"LayerNorm", "RMSNorm", "BatchNorm"}
+    assert max(diffs.values()) <= TOL, diffs
+    # the transpose matters: BatchNorm1d on (B, T, D) normalises over the wrong axis
+    wrong = nn.BatchNorm1d(6)(x)                          # treats T=6 as the feature axis
+    assert (models.batch_norm(x, torch.ones(16), torch.zeros(16)) - wrong).abs().max() > 0.1

@@ -97,3 +97,16 @@ def test_norm_axes_diagram_highlights_the_pooled_entries():
 
     assert orange(axes[0, 0]) == 6           # one feature over all 2*3 tokens
     assert orange(axes[0, 1]) == 4           # one token's 4 features
+
+
+def test_versus_draws_a_seed_band_and_bars_show_exact_zeros():
+    fig, axes = plots.figure(2)
+    runs = np.array([[0.5, 0.6, 0.7], [0.8, 0.9, 0.95]])          # 2 x-values, 3 seeds
+    plots.versus(axes[0, 0], [2, 8], {"BN": runs}, xlabel="batch", ylabel="acc")
+    assert list(axes[0, 0].lines[0].get_ydata()) == [0.6, 0.9]   # the median over seeds
+    assert len(axes[0, 0].collections) == 1                      # the min-max band
+    plots.bars(axes[0, 1], ["others", "future"], {"LN": [0.0, 0.0], "BN": [0.3, 0.07]},
+               ylabel="max |Δ output|", log=True)
+    zeros = [t for t in axes[0, 1].texts if t.get_text() == "0"]
+    assert len(zeros) == 2 and axes[0, 1].get_yscale() == "log"
+    assert len(axes[0, 1].patches) == 4

@@ -1,9 +1,10 @@
 import math
 
+import pytest
 import torch
 
 import depthlab as dl
-from depthlab.train import lr_at
+from depthlab.train import lr_at, recalibrate_batchnorm
 
 SMALL = dl.TransformerConfig(d_model=32, n_layers=2, vocab_size=16, max_len=16)
 
@@ -112,3 +113,21 @@ def test_evaluate_with_batch_statistics_leaves_running_stats_alone():
     assert model.training
     assert abs(eval_mode["loss"] - batch_mode["loss"]) > 1e-3   # the statistics matter
     assert 0 <= batch_mode["accuracy"] <= 1
+
+
+def test_recalibrate_batchnorm_averages_batch_statistics_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = dl.DeepMLP(dl.MLPConfig(depth=2, width=8, d_in=5, norm_kind="batch"))
+    before = model.layers[0].norm.running_mean.clone()
+    x = torch.randn(40, 5) * 3 + 1
+    pre = model.layers[0].linear(x).detach()               # the first BatchNorm's input
+    fresh = recalibrate_batchnorm(model, x)
+    assert not fresh.training
+    assert torch.allclose(fresh.layers[0].norm.running_mean, pre.mean(0), atol=1e-5)
+    assert torch.allclose(fresh.layers[0].norm.running_var, pre.var(0), atol=1e-4)
+    assert torch.equal(model.layers[0].norm.running_mean, before)   # original untouched
+    halves = recalibrate_batchnorm(model, x, batch_size=20)
+    want = (pre[:20].mean(0) + pre[20:].mean(0)) / 2        # plain average of the two batches
+    assert torch.allclose(halves.layers[0].norm.running_mean, want, atol=1e-5)
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        recalibrate_batchnorm(dl.DeepMLP(dl.MLPConfig(depth=2)), x)

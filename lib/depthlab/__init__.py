@@ -37,7 +37,7 @@ from .models import (
     load_torch_encoder_layer,
     torch_parity,
 )
-from .train import Callback, History, evaluate, pick_device, train
+from .train import Callback, History, evaluate, pick_device, recalibrate_batchnorm, train
 
 __version__ = "0.1.0"
 
@@ -47,8 +47,8 @@ __all__ = [
     "IGNORE", "LayerGradNorms", "LayerProfile", "MLPConfig", "SequenceModel", "SequenceTask",
     "TrainConfig", "TransformerConfig", "UpdateRatio", "above", "below", "between",
     "config_from_torch_layer", "evaluate", "find_layers", "gradient_profile", "init_weights",
-    "load_torch_encoder_layer", "pick_device", "record", "token_similarity", "torch_parity",
-    "train",
+    "load_torch_encoder_layer", "pick_device", "recalibrate_batchnorm", "record",
+    "token_similarity", "torch_parity", "train",
     "__version__",
 ]
 

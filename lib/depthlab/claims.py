@@ -39,6 +39,16 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}" if 1e-3 <= ax < 1e4 else f"{x:.2e}"
 
 
+def span(values: float | Sequence[float], fmt: str = "{:.2f}") -> str:
+    """Lowest to highest of ``values`` as text, e.g. "0.57–0.61" (one value: just that value).
+
+    For printing a result measured over several seeds as the range it is.
+    """
+    v = _values(values)
+    lo, hi = min(v), max(v)
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
 def _values(value: float | Sequence[float]) -> list[float]:
     if isinstance(value, (int, float)):
         return [float(value)]

@@ -321,15 +321,19 @@ def ablate(model: nn.Module, index: int, layers: Sequence[nn.Module] | None = No
 
 
 def compare_times(fns: dict[str, Callable[[], object]], repeats: int = 200,
-                  rounds: int = 5) -> dict[str, float]:
+                  rounds: int = 5, *, backward: bool = False) -> dict[str, float]:
     """Median seconds per call of each function, measured interleaved.
 
     Each round times ``repeats`` calls of every function in turn, so that load on the machine
     hits all of them alike; the median over ``rounds`` is returned. Compare the results as
-    ratios, measured in the same run (chapter 3).
+    ratios, measured in the same run (chapter 3). With ``backward=True`` each function returns
+    a tensor and the time includes ``.sum().backward()`` on it (a forward and backward pass).
     """
     import statistics
     import time
+
+    if backward:
+        fns = {name: (lambda f=fn: f().sum().backward()) for name, fn in fns.items()}
 
     for fn in fns.values():                                   # warm-up
         fn()
@@ -341,6 +345,27 @@ def compare_times(fns: dict[str, Callable[[], object]], repeats: int = 200,
                 fn()
             times[name].append((time.perf_counter() - start) / repeats)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+@torch.no_grad()
+def output_change(model: nn.Module, inputs: Tensor, changed: Tensor, at=0, *,
+                  train_mode: bool = True) -> float:
+    """Largest |Δ| in ``model(inputs)[at]`` when the inputs become ``changed``.
+
+    A test of what an output depends on: keep the part of the input that ``at`` selects the
+    same, change something else (other sequences of the batch, future tokens, padding) and see
+    whether the selected outputs move. ``at`` is any index, e.g. ``0`` (the first example) or
+    ``(slice(None), slice(0, 5))`` (the first 5 positions of every sequence); ``inputs`` and
+    ``changed`` may differ in shape as long as ``at`` selects the same part of both. Runs in
+    training mode by default, where BatchNorm uses the current batch's statistics (chapter 3);
+    the model's mode is restored afterwards.
+    """
+    was_training = model.training
+    model.train(train_mode)
+    try:
+        return (model(inputs)[at] - model(changed)[at]).abs().max().item()
+    finally:
+        model.train(was_training)
 
 
 class UpdateRatio(Callback):

@@ -28,9 +28,9 @@ from .config import MLPConfig, TransformerConfig
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """Normalise each token over its D features. x: (..., D) -> (..., D). (Chapter 3.)"""
-    mean = x.mean(dim=-1, keepdim=True)                      # (..., 1)
-    var = x.var(dim=-1, unbiased=False, keepdim=True)        # (..., 1)
-    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+    centred = x - x.mean(dim=-1, keepdim=True)               # (..., D)
+    var = centred.pow(2).mean(dim=-1, keepdim=True)          # (..., 1), biased variance
+    return centred / torch.sqrt(var + eps) * weight + bias
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
@@ -46,9 +46,9 @@ def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
     (Chapter 3.)
     """
     dims = tuple(range(x.dim() - 1))                          # all axes but the feature axis
-    mean = x.mean(dim=dims, keepdim=True)                     # (1, ..., D)
-    var = x.var(dim=dims, unbiased=False, keepdim=True)       # (1, ..., D)
-    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+    centred = x - x.mean(dim=dims, keepdim=True)              # (..., D)
+    var = centred.pow(2).mean(dim=dims, keepdim=True)         # (1, ..., D), biased variance
+    return centred / torch.sqrt(var + eps) * weight + bias
 
 
 class LayerNorm(nn.Module):

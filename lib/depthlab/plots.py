@@ -156,9 +156,20 @@ def versus(ax: Axes, x: Sequence[float], series: Mapping[str, Sequence[float]], 
            xlabel: str, ylabel: str, logx: bool = False, logy: bool = False,
            title: str | None = None, reference: float | None = None,
            reference_label: str | None = None) -> Axes:
-    """One line per label of y against a shared x (e.g. gradient ratio against depth)."""
+    """One line per label of y against a shared x (e.g. gradient ratio against depth).
+
+    A series may be 1-D (one value per x) or 2-D, (len(x), seeds): then the line is the median
+    over seeds and a shaded band spans the lowest to the highest seed.
+    """
     for label, y in series.items():
-        ax.plot(list(x), np.asarray(y, dtype=float), marker="o", markersize=4, label=label)
+        v = np.asarray(y, dtype=float)
+        if v.ndim == 2:
+            line, = ax.plot(list(x), np.median(v, axis=1), marker="o", markersize=4,
+                            label=f"{label} (median, band: min-max over {v.shape[1]} seeds)")
+            ax.fill_between(list(x), v.min(axis=1), v.max(axis=1), color=line.get_color(),
+                            alpha=0.2, linewidth=0)
+        else:
+            ax.plot(list(x), v, marker="o", markersize=4, label=label)
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
     if logx:
@@ -169,6 +180,37 @@ def versus(ax: Axes, x: Sequence[float], series: Mapping[str, Sequence[float]], 
         ax.xaxis.set_minor_formatter(NullFormatter())
     if logy:
         ax.set_yscale("log")
+    return _label(ax, xlabel, ylabel, title)
+
+
+def bars(ax: Axes, groups: Sequence[str], series: Mapping[str, Sequence[float]], *,
+         ylabel: str, log: bool = False, floor: float = 1e-9, title: str | None = None,
+         xlabel: str = "") -> Axes:
+    """Grouped bars: one group per entry of ``groups``, one bar per label of ``series``.
+
+    On a log axis a value of exactly 0 cannot be drawn: its bar is drawn down to ``floor``,
+    hatched, and labelled "0", so that "no effect at all" stays visible.
+    """
+    n = len(series)
+    width = 0.8 / max(n, 1)
+    xs = np.arange(len(groups))
+    for i, (label, values) in enumerate(series.items()):
+        v = np.asarray(values, dtype=float)
+        zero = v == 0
+        shown = np.where(zero & log, floor, v) if log else v
+        pos = xs - 0.4 + width * (i + 0.5)
+        rects = ax.bar(pos, shown, width, label=label)
+        for rect, z in zip(rects, zero):
+            if z and log:
+                rect.set_hatch("//")
+                rect.set_alpha(0.4)
+                ax.annotate("0", (rect.get_x() + rect.get_width() / 2, floor),
+                            ha="center", va="bottom", fontsize=8)
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=floor)
+    ax.set_xticks(xs, list(groups))
+    ax.grid(axis="x", visible=False)
     return _label(ax, xlabel, ylabel, title)
 
 
@@ -186,8 +228,12 @@ def predicted_vs_measured(ax: Axes, predicted: Mapping[str, float],
     ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1,
             label="prediction = measurement")
     if log:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):         # less than a decade: unlabelled minor ticks
+            axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"measured {quantity}")
     ax.set_ylabel(f"predicted {quantity}")
     if title:
@@ -223,8 +269,8 @@ def norm_axes_diagram(ax: Axes, kind: str, *, batch: int = 3, tokens: int = 4,
     ax.set_xlabel("feature axis D")
     ax.set_ylabel("tokens: sequence b, position t")
     ax.grid(False)
-    names = {"batch": "BatchNorm: one feature, all B·T tokens",
-             "layer": "LayerNorm: one token, all D features (mean and variance)",
-             "rms": "RMSNorm: one token, all D features (root mean square only)"}
+    names = {"batch": "BatchNorm: one feature,\nall B·T tokens",
+             "layer": "LayerNorm: one token, all D features\n(mean and variance)",
+             "rms": "RMSNorm: one token, all D features\n(root mean square only)"}
     ax.set_title(names.get(kind, kind), fontsize=9)
     return ax

@@ -76,3 +76,26 @@ def tutorial_parity(layer: TutorialEncoderLayer, x: Tensor) -> float:
             return (layer(x) - block(x)).abs().max().item()
     finally:
         layer.train(was_training)
+
+
+def norm_parity(x: Tensor, eps: float = 1e-5) -> dict[str, float]:
+    """Max abs difference between depthlab's written-out norms and PyTorch's layers on ``x``.
+
+    x: (B, T, D). Compares ``models.layer_norm`` with ``nn.LayerNorm``, ``models.rms_norm``
+    with ``nn.RMSNorm`` and ``models.batch_norm`` with ``nn.BatchNorm1d`` in training mode.
+    ``nn.BatchNorm1d`` wants the features on axis 1, (B, D, T), so the reference call
+    transposes: forgetting that normalises over the wrong axis without any error (chapter 3).
+    Default affine parameters (weight 1, bias 0) on both sides.
+    """
+    from . import models
+
+    d = x.shape[-1]
+    ones, zeros = torch.ones(d), torch.zeros(d)
+    with torch.no_grad():
+        pairs = {
+            "LayerNorm": (models.layer_norm(x, ones, zeros, eps), nn.LayerNorm(d, eps=eps)(x)),
+            "RMSNorm": (models.rms_norm(x, ones, eps), nn.RMSNorm(d, eps=eps)(x)),
+            "BatchNorm": (models.batch_norm(x, ones, zeros, eps),
+                          nn.BatchNorm1d(d, eps=eps)(x.transpose(1, 2)).transpose(1, 2)),
+        }
+    return {name: (ours - theirs).abs().max().item() for name, (ours, theirs) in pairs.items()}

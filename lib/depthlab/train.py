@@ -284,3 +284,42 @@ def evaluate(model: nn.Module, inputs: Tensor, targets: Tensor, *,
     finally:
         model.train(was_training)
     return {"loss": losses / counted, "accuracy": hits / counted}
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm in ``model``: depthlab's ``BatchNorm`` and PyTorch's BatchNorm1d/2d/3d."""
+    from .models import BatchNorm
+
+    return [m for m in model.modules()
+            if isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm))]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, inputs: Tensor, *,
+                          batch_size: int | None = None) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``inputs``.
+
+    The running mean and variance become the plain average over mini-batches of
+    ``batch_size`` (default: one batch of all inputs) of the batch statistics, instead of the
+    exponential moving average collected during training ("precise BN", Wu & Johnson 2021).
+    Weights are untouched; the copy is returned in eval mode. Used in chapter 3 to ask whether
+    a BatchNorm network's poor eval accuracy comes from stale running statistics.
+    """
+    import copy
+
+    fresh = copy.deepcopy(model)
+    norms = batchnorm_layers(fresh)
+    if not norms:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm layer to recalibrate")
+    saved = [n.momentum for n in norms]
+    device = next(fresh.parameters()).device
+    fresh.train()
+    size = batch_size or len(inputs)
+    starts = [s for s in range(0, len(inputs), size) if len(inputs) - s >= 2]  # BN needs 2
+    for k, start in enumerate(starts):
+        for n in norms:      # momentum 1/(k+1): running value = mean of the first k+1 batches
+            n.momentum = 1.0 / (k + 1)
+        fresh(inputs[start:start + size].to(device))
+    for n, m in zip(norms, saved):
+        n.momentum = m
+    return fresh.eval()
