@@ -52,6 +52,9 @@ def on_config_inited(app, config) -> None:
     current = library_hash(root)
     if not stamp.exists() or stamp.read_text().strip() != current:
         # The library changed since the cached pages were computed: run everything again.
+        # Clearing the cache is not enough: Sphinx re-reads only the notebooks whose files
+        # changed, so ``on_env_get_outdated`` also marks every chapter as outdated.
+        app.depthlab_library_changed = True
         shutil.rmtree(cache, ignore_errors=True)
         if ledger.exists():
             ledger.unlink()
@@ -66,7 +69,11 @@ def on_env_before_read_docs(app, env, docnames: list[str]) -> None:
 
 
 def on_env_get_outdated(app, env, added, changed, removed) -> list[str]:
-    return [LEDGER_DOCNAME] if LEDGER_DOCNAME in env.found_docs else []
+    """Re-read the ledger page on every build, and every notebook after a library change."""
+    again = [LEDGER_DOCNAME] if LEDGER_DOCNAME in env.found_docs else []
+    if getattr(app, "depthlab_library_changed", False):
+        again += [d for d in env.found_docs if str(env.doc2path(d)).endswith(".ipynb")]
+    return again
 
 
 

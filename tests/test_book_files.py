@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,36 @@ def test_library_dependencies_stay_loose():
     deps = pyproject.split("dependencies = [")[1].split("]")[0]
     assert '"torch>=' in deps and "==" not in deps
     assert "torch==2.13.0" in (ROOT / "requirements.txt").read_text()
+
+
+def test_a_library_change_marks_every_notebook_outdated(tmp_path, monkeypatch):
+    """Jupyter-cache hashes code cells only and Sphinx re-reads only changed files: after a
+    library change the extension must clear the cache *and* make Sphinx re-read every
+    notebook, or pages (and the claims ledger) keep numbers from the old library."""
+    import types
+
+    for name in ("DEPTHLAB_LEDGER", "DEPTHLAB_STATIC", "DEPTHLAB_QUIET", "MPLBACKEND"):
+        monkeypatch.delenv(name, raising=False)     # the extension sets them: undo afterwards
+    sys.path.insert(0, str(ROOT / "_ext"))
+    try:
+        import depthlab_book as ext
+    finally:
+        sys.path.pop(0)
+    src = tmp_path / "book"
+    (src / "lib" / "depthlab").mkdir(parents=True)
+    (src / "lib" / "depthlab" / "x.py").write_text("a = 1\n")
+    (tmp_path / "out" / "html").mkdir(parents=True)
+
+    def build():
+        app = types.SimpleNamespace(srcdir=str(src), outdir=str(tmp_path / "out" / "html"))
+        config = types.SimpleNamespace(nb_execution_cache_path=str(tmp_path / "out" / "cache"))
+        ext.on_config_inited(app, config)
+        env = types.SimpleNamespace(found_docs={"intro", "chapters/01_a", ext.LEDGER_DOCNAME},
+                                    doc2path=lambda d: f"{d}.ipynb" if "chapters" in d
+                                    else f"{d}.md")
+        return set(ext.on_env_get_outdated(app, env, set(), set(), set()))
+
+    assert build() == {ext.LEDGER_DOCNAME, "chapters/01_a"}      # first build: no stamp yet
+    assert build() == {ext.LEDGER_DOCNAME}                       # nothing changed
+    (src / "lib" / "depthlab" / "x.py").write_text("a = 2\n")
+    assert build() == {ext.LEDGER_DOCNAME, "chapters/01_a"}      # library changed

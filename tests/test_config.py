@@ -70,3 +70,11 @@ def test_sequence_task_is_validated():
         dl.SequenceTask("shuffle")
     with pytest.raises(dl.ConfigError, match="vocab"):
         dl.SequenceTask(vocab=2)
+
+
+def test_norm_noise_needs_batchnorm():
+    assert dl.MLPConfig(norm_kind="batch", norm_noise=0.3).norm_noise == 0.3
+    with pytest.raises(dl.ConfigError, match="norm_noise"):
+        dl.MLPConfig(norm_kind="layer", norm_noise=0.3)
+    with pytest.raises(dl.ConfigError, match="norm_noise"):
+        dl.MLPConfig(norm_kind="batch", norm_noise=-1.0)

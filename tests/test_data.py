@@ -1,3 +1,5 @@
+import numpy as np
+import pytest
 import torch
 
 import depthlab as dl
@@ -40,3 +42,54 @@ def test_digits_are_standardised_without_blowing_up_constant_pixels():
     # every training example appears exactly once per epoch
     seen = torch.cat([d.batch(s)[1] for s in range(d.steps_per_epoch)])
     assert len(seen) == d.steps_per_epoch * 32
+
+
+def test_shifted_gaussians_change_p_x_but_not_p_y_given_x():
+    from depthlab.data import ShiftedGaussians
+
+    prob = ShiftedGaussians()
+    xtr, ytr = prob.sample(4000, "train", seed=0)
+    xte, _ = prob.sample(4000, "test", seed=0)
+    assert xtr.shape == (4000, 2) and ytr.dtype == torch.int64
+    assert abs(float(xtr[:, 0].mean()) - prob.train_mean[0]) < 0.05
+    assert abs(float(xte[:, 0].mean()) - prob.test_mean[0]) < 0.05
+    # labels follow p(y | x): the mean label matches the mean probability
+    assert abs(float(ytr.double().mean() - prob.p_y1(xtr).double().mean())) < 0.03
+    # E_train[w(x)] = 1 for the true density ratio (an importance-sampling identity)
+    assert abs(float(prob.density_ratio(xtr).mean()) - 1) < 0.15
+    assert torch.equal(prob.sample(5, "train", 1)[0], prob.sample(5, "train", 1)[0])
+    with pytest.raises(ValueError, match="domain"):
+        prob.inputs(3, "validation", 0)
+    with pytest.raises(dl.ConfigError, match="train_sd"):
+        ShiftedGaussians(train_sd=0)
+
+
+def test_importance_weights_from_a_domain_classifier_track_the_true_ratio():
+    from depthlab.data import ShiftedGaussians, effective_sample_size, importance_weights
+
+    prob = ShiftedGaussians()
+    xtr = prob.inputs(1000, "train", seed=0)
+    w = importance_weights(xtr, prob.inputs(1000, "test", seed=1))
+    true = prob.density_ratio(xtr)
+    assert w.shape == (1000,) and abs(float(w.mean()) - 1) < 1e-5
+    corr = np.corrcoef(np.log(w.numpy()), np.log(true.numpy()))[0, 1]
+    assert corr > 0.95                        # the quadratic log-ratio is learned
+    assert effective_sample_size(torch.ones(10)) == pytest.approx(10)
+    assert effective_sample_size(torch.tensor([1.0, 0, 0, 0])) == pytest.approx(1)
+    assert effective_sample_size(w) < 1000 / 2          # reweighting costs examples
+
+
+def test_tensor_data_samples_in_proportion_to_weights():
+    from depthlab.data import TensorData
+
+    x = torch.arange(4).float().unsqueeze(1)
+    y = torch.arange(4)
+    data = TensorData(x, y, batch_size=1000, seed=0, weights=torch.tensor([0.0, 1, 1, 2]))
+    _, yb = data.batch(0)
+    counts = torch.bincount(yb, minlength=4).double() / 1000
+    assert counts[0] == 0 and abs(float(counts[3]) - 0.5) < 0.06
+    assert torch.equal(data.batch(3)[1], data.batch(3)[1])
+    with pytest.raises(dl.ConfigError, match="weights"):
+        TensorData(x, y, weights=torch.zeros(4))
+    with pytest.raises(dl.ConfigError, match="targets"):
+        TensorData(x, y[:3])

@@ -212,3 +212,19 @@ def test_written_out_norms_match_pytorch_layers_on_btd_tensors():
     # the transpose matters: BatchNorm1d on (B, T, D) normalises over the wrong axis
     wrong = nn.BatchNorm1d(6)(x)                          # treats T=6 as the feature axis
     assert (models.batch_norm(x, torch.ones(16), torch.zeros(16)) - wrong).abs().max() > 0.1
+
+
+def test_noisy_batchnorm_moves_the_distribution_in_training_only():
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    noisy, clean = models.BatchNorm(8, noise=0.5), models.BatchNorm(8)
+    a, b = noisy(x), clean(x)
+    # per feature the noise is one scale and one shift for the whole batch
+    assert (a.mean(0) - b.mean(0)).abs().max() > 0.05
+    assert not torch.allclose(noisy(x), a)                 # redrawn at every call
+    clean(x)                                               # same running-statistics updates
+    noisy.eval()
+    clean.eval()
+    assert torch.allclose(noisy(x), clean(x))              # eval mode: no noise
+    mlp = dl.DeepMLP(dl.MLPConfig(depth=2, norm_kind="batch", norm_noise=0.2))
+    assert mlp.layers[0].norm.noise == 0.2

@@ -110,3 +110,13 @@ def test_versus_draws_a_seed_band_and_bars_show_exact_zeros():
     zeros = [t for t in axes[0, 1].texts if t.get_text() == "0"]
     assert len(zeros) == 2 and axes[0, 1].get_yscale() == "log"
     assert len(axes[0, 1].patches) == 4
+
+
+def test_points_draws_sets_a_curve_and_the_diagonal():
+    fig, axes = plots.figure(2)
+    plots.points(axes[0, 0], {"a": np.zeros((5, 2)), "b": np.ones((3, 2))},
+                 curve=([0, 1], [1, 0]), curve_label="boundary", xlabel="x₁", ylabel="x₂")
+    assert len(axes[0, 0].collections) == 2 and len(axes[0, 0].lines) == 1
+    plots.points(axes[0, 1], {"w": np.array([[1e-3, 2e-3], [1.0, 0.9]])}, diagonal=True,
+                 log=True, xlabel="true", ylabel="estimated")
+    assert axes[0, 1].get_xscale() == "log" and len(axes[0, 1].lines) == 1

@@ -160,6 +160,7 @@ class MLPConfig(_Config):
     residual: bool = False     # skip connection around each hidden layer after the first
     bias: bool = True          # biases in the linear layers (initialised to zero)
     norm_eps: float = 1e-5
+    norm_noise: float = 0.0    # "noisy BatchNorm" strength (chapter 4); needs norm_kind="batch"
 
     def __post_init__(self) -> None:
         for name in ("d_in", "width", "depth", "d_out"):
@@ -169,6 +170,10 @@ class MLPConfig(_Config):
         _choice(self, "norm_kind", NORM_KINDS)
         _number(self, "init_gain", 0.0)
         _number(self, "norm_eps", 0.0, low_open=True)
+        _number(self, "norm_noise", 0.0)
+        if self.norm_noise > 0 and self.norm_kind != "batch":
+            raise ConfigError(f"MLPConfig.norm_noise={self.norm_noise!r} needs "
+                              f"norm_kind='batch', got norm_kind={self.norm_kind!r}")
         if not isinstance(self.residual, bool):
             raise ConfigError(f"MLPConfig.residual={self.residual!r} must be a bool")
 

@@ -1,4 +1,5 @@
-"""Data: synthetic sequence tasks made from a seed, and scikit-learn's digits. No downloads.
+"""Data: synthetic sequence tasks made from a seed, scikit-learn's digits, a covariate-shift
+problem and tools to reweight it (chapter 4). No downloads.
 
 Every data source answers ``batch(step) -> (inputs, targets)`` deterministically from its seed
 and the step number, so a training run is reproducible and two runs with the same seed see the
@@ -139,3 +140,141 @@ class Digits:
     def eval_batch(self, size: int | None = None) -> tuple[Tensor, Tensor]:
         x, y = self.test
         return (x, y) if size is None else (x[:size], y[:size])
+
+
+# --------------------------------------------------------------------------------------------
+# Covariate shift (chapter 4): p(x) changes between domains, p(y | x) does not.
+# --------------------------------------------------------------------------------------------
+
+DOMAINS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class ShiftedGaussians:
+    """A 2-D classification problem under covariate shift.
+
+    Inputs come from an isotropic Gaussian whose mean and sd depend on the domain ("train" or
+    "test"); labels come from the same rule in both domains,
+    ``p(y = 1 | x) = sigmoid(sharpness · (x₂ − sin(freq · x₁)))``: a wavy boundary, so a
+    linear classifier fits it well only locally and the best line depends on where p(x) puts
+    its mass (Shimodaira 2000). inputs: (N, 2) float32; targets: (N,) int64.
+    """
+
+    train_mean: tuple[float, float] = (-0.6, 0.0)
+    train_sd: float = 0.9
+    test_mean: tuple[float, float] = (1.2, 0.0)
+    test_sd: float = 0.6
+    sharpness: float = 4.0
+    freq: float = 1.5
+
+    def __post_init__(self) -> None:
+        from .config import ConfigError
+        for name in ("train_sd", "test_sd", "sharpness", "freq"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"ShiftedGaussians.{name}={v!r} must be a number > 0")
+
+    def _params(self, domain: str) -> tuple[Tensor, float]:
+        if domain not in DOMAINS:
+            raise ValueError(f"domain={domain!r}; choose one of {DOMAINS}")
+        mean = self.train_mean if domain == "train" else self.test_mean
+        sd = self.train_sd if domain == "train" else self.test_sd
+        return torch.tensor(mean, dtype=torch.float32), float(sd)
+
+    def p_y1(self, x: Tensor) -> Tensor:
+        """p(y = 1 | x), the same in every domain. x: (N, 2) -> (N,)."""
+        return torch.sigmoid(self.sharpness * (x[:, 1] - torch.sin(self.freq * x[:, 0])))
+
+    def inputs(self, n: int, domain: str, seed: int) -> Tensor:
+        """n inputs of a domain, without labels (what a domain classifier sees). (n, 2)."""
+        mean, sd = self._params(domain)
+        g = torch.Generator().manual_seed(seed * 2 + DOMAINS.index(domain))
+        return torch.randn(n, 2, generator=g) * sd + mean
+
+    def sample(self, n: int, domain: str, seed: int) -> tuple[Tensor, Tensor]:
+        """n labelled examples of a domain, reproducible from ``seed``."""
+        x = self.inputs(n, domain, seed)
+        g = torch.Generator().manual_seed(seed * 2 + DOMAINS.index(domain) + 1_000_003)
+        y = (torch.rand(n, generator=g) < self.p_y1(x)).long()
+        return x, y
+
+    def log_density(self, x: Tensor, domain: str) -> Tensor:
+        """log p(x) under a domain's Gaussian. x: (N, 2) -> (N,)."""
+        mean, sd = self._params(domain)
+        return (-((x - mean) ** 2).sum(1) / (2 * sd ** 2) - 2 * np.log(sd)
+                - np.log(2 * np.pi))
+
+    def density_ratio(self, x: Tensor) -> Tensor:
+        """The true importance weight p_test(x) / p_train(x). x: (N, 2) -> (N,)."""
+        return torch.exp(self.log_density(x, "test") - self.log_density(x, "train"))
+
+
+@dataclass(frozen=True, eq=False)
+class TensorData:
+    """A data source over fixed tensors: mini-batches drawn with replacement.
+
+    With ``weights`` (one per example), examples are drawn with probability proportional to
+    their weight: importance resampling, the same expected gradient as a weighted loss, with
+    the loop unchanged (chapter 4). inputs: (N, ...); targets: (N,).
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    batch_size: int = 64
+    seed: int = 0
+    weights: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        from .config import ConfigError
+        if len(self.inputs) != len(self.targets):
+            raise ConfigError(f"TensorData: {len(self.inputs)} inputs but "
+                              f"{len(self.targets)} targets")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"TensorData.batch_size={self.batch_size!r} must be an integer "
+                              ">= 1")
+        if self.weights is not None and (len(self.weights) != len(self.inputs)
+                                         or bool((self.weights < 0).any())
+                                         or float(self.weights.sum()) <= 0):
+            raise ConfigError("TensorData.weights must be one non-negative weight per example, "
+                              "not all zero")
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        if self.weights is None:
+            idx = torch.randint(len(self.inputs), (self.batch_size,), generator=g)
+        else:
+            idx = torch.multinomial(self.weights.double(), self.batch_size, replacement=True,
+                                    generator=g)
+        return self.inputs[idx], self.targets[idx]
+
+
+def quadratic_features(x: Tensor) -> np.ndarray:
+    """[x, x², x_i·x_j for i < j]: with these, a logistic regression can represent the log
+    density ratio of two Gaussians exactly (it is quadratic in x). x: (N, F) -> (N, F')."""
+    a = x.detach().double().numpy()
+    cross = [a[:, i] * a[:, j] for i in range(a.shape[1]) for j in range(i + 1, a.shape[1])]
+    return np.column_stack([a, a ** 2, *cross]) if cross else np.column_stack([a, a ** 2])
+
+
+def importance_weights(source: Tensor, target: Tensor, *, features=quadratic_features,
+                       C: float = 10.0) -> Tensor:
+    """Estimated p_target(x) / p_source(x) at each source input, from a domain classifier.
+
+    A logistic regression learns P(target | x) from unlabelled inputs of both domains; by Bayes,
+    p_target(x) / p_source(x) = (n_source / n_target) · P(target | x) / P(source | x).
+    source: (N, F), target: (M, F) -> weights (N,), normalised to mean 1. (Chapter 4.)
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    X = np.vstack([features(source), features(target)])
+    domain = np.r_[np.zeros(len(source)), np.ones(len(target))]
+    clf = LogisticRegression(C=C, max_iter=2000).fit(X, domain)
+    p = clf.predict_proba(features(source))[:, 1]
+    w = (len(source) / len(target)) * p / (1 - p)
+    return torch.tensor(w / w.mean(), dtype=torch.float32)
+
+
+def effective_sample_size(weights: Tensor) -> float:
+    """(Σw)² / Σw²: how many equally weighted examples a weighted sample is worth."""
+    w = weights.double()
+    return float(w.sum() ** 2 / (w ** 2).sum())

@@ -90,15 +90,31 @@ class BatchNorm(nn.Module):
     """
 
     def __init__(self, d: int, eps: float = 1e-5, momentum: float = 0.1,
-                 fused: bool = True) -> None:
+                 fused: bool = True, noise: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d))
         self.register_buffer("running_mean", torch.zeros(d))
         self.register_buffer("running_var", torch.ones(d))
-        self.eps, self.momentum, self.fused = eps, momentum, fused
+        self.eps, self.momentum, self.fused, self.noise = eps, momentum, fused, noise
 
     def forward(self, x: Tensor) -> Tensor:
+        out = self._normalise(x)
+        if self.training and self.noise > 0:
+            out = self._add_noise(out)
+        return out
+
+    def _add_noise(self, out: Tensor) -> Tensor:
+        """Noisy BatchNorm (Santurkar et al. 2018, chapter 4): every call draws, per feature,
+        a scale exp(noise·z₁) and a shift noise·z₂ (z ~ N(0, 1), from torch's global generator)
+        and applies them to every example, so the distribution each later layer sees moves at
+        every step: internal covariate shift added on purpose. Training mode only."""
+        d = out.shape[-1]
+        scale = torch.exp(self.noise * torch.randn(d, device=out.device, dtype=out.dtype))
+        shift = self.noise * torch.randn(d, device=out.device, dtype=out.dtype)
+        return out * scale + shift
+
+    def _normalise(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])                      # (N, D), N = all tokens
         if self.training and flat.shape[0] < 2:
             raise ValueError(
@@ -119,14 +135,16 @@ class BatchNorm(nn.Module):
         return batch_norm(flat, self.weight, self.bias, self.eps).reshape(x.shape)
 
 
-def make_norm(kind: str, d: int, eps: float = 1e-5) -> nn.Module:
-    """The norm layer named by a config's ``norm_kind``; "none" gives ``nn.Identity``."""
+def make_norm(kind: str, d: int, eps: float = 1e-5, noise: float = 0.0) -> nn.Module:
+    """The norm layer named by a config's ``norm_kind``; "none" gives ``nn.Identity``.
+
+    ``noise`` > 0 makes a noisy BatchNorm (see ``BatchNorm._add_noise``); batch only."""
     if kind == "layer":
         return LayerNorm(d, eps)
     if kind == "rms":
         return RMSNorm(d, eps)
     if kind == "batch":
-        return BatchNorm(d, eps)
+        return BatchNorm(d, eps, noise=noise)
     return nn.Identity()
 
 
@@ -317,12 +335,13 @@ class MLPLayer(nn.Module):
     """h -> act(norm(W h + b)), plus h itself when ``residual``. h: (B, d_in) -> (B, d_out)."""
 
     def __init__(self, d_in: int, d_out: int, activation: str, norm_kind: str,
-                 residual: bool, bias: bool = True, eps: float = 1e-5) -> None:
+                 residual: bool, bias: bool = True, eps: float = 1e-5,
+                 noise: float = 0.0) -> None:
         super().__init__()
         if residual and d_in != d_out:
             raise ValueError("a residual MLPLayer needs d_in == d_out")
         self.linear = nn.Linear(d_in, d_out, bias=bias)
-        self.norm = make_norm(norm_kind, d_out, eps)
+        self.norm = make_norm(norm_kind, d_out, eps, noise)
         self.act = make_activation(activation)
         self.residual = residual
 
@@ -344,7 +363,8 @@ class DeepMLP(nn.Module):
             dims = [cfg.d_in] + [cfg.width] * cfg.depth
             self.layers = nn.ModuleList(
                 MLPLayer(dims[i], dims[i + 1], cfg.activation, cfg.norm_kind,
-                         residual=cfg.residual and i > 0, bias=cfg.bias, eps=cfg.norm_eps)
+                         residual=cfg.residual and i > 0, bias=cfg.bias, eps=cfg.norm_eps,
+                         noise=cfg.norm_noise)
                 for i in range(cfg.depth)
             )
             self.head = nn.Linear(cfg.width, cfg.d_out)

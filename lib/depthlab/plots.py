@@ -214,6 +214,31 @@ def bars(ax: Axes, groups: Sequence[str], series: Mapping[str, Sequence[float]],
     return _label(ax, xlabel, ylabel, title)
 
 
+def points(ax: Axes, sets: Mapping[str, np.ndarray], *, xlabel: str, ylabel: str,
+           curve: tuple[Sequence[float], Sequence[float]] | None = None,
+           curve_label: str | None = None, diagonal: bool = False, log: bool = False,
+           title: str | None = None, size: float = 6) -> Axes:
+    """Scatter plots of 2-D points, one colour per label. Each set: (N, 2) array of (x, y).
+
+    ``curve`` (xs, ys) draws a reference line, e.g. a decision boundary; ``diagonal`` draws
+    y = x, e.g. estimated against true values; ``log`` puts both axes on a log scale.
+    """
+    for label, pts in sets.items():
+        a = np.asarray(pts, dtype=float)
+        ax.scatter(a[:, 0], a[:, 1], s=size, alpha=0.5, label=label, linewidths=0)
+    if curve is not None:
+        ax.plot(curve[0], curve[1], color="black", linewidth=1.5, label=curve_label)
+    if diagonal:
+        both = np.concatenate([np.asarray(p, dtype=float).ravel() for p in sets.values()])
+        both = both[np.isfinite(both) & ((both > 0) if log else True)]
+        ax.plot([both.min(), both.max()], [both.min(), both.max()], color="grey",
+                linestyle="--", linewidth=1, label="y = x")
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    return _label(ax, xlabel, ylabel, title)
+
+
 def predicted_vs_measured(ax: Axes, predicted: Mapping[str, float],
                           measured: Mapping[str, float], *, quantity: str,
                           log: bool = True, title: str | None = None) -> Axes:
