@@ -120,3 +120,8 @@ def test_points_draws_sets_a_curve_and_the_diagonal():
     plots.points(axes[0, 1], {"w": np.array([[1e-3, 2e-3], [1.0, 0.9]])}, diagonal=True,
                  log=True, xlabel="true", ylabel="estimated")
     assert axes[0, 1].get_xscale() == "log" and len(axes[0, 1].lines) == 1
+
+
+def test_moving_average():
+    assert list(plots.moving_average([1, 2, 3, 4], 2)) == [1.5, 2.5, 3.5]
+    assert list(plots.moving_average([1, 2], 5)) == [1, 2]          # too short: unchanged

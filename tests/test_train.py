@@ -131,3 +131,10 @@ def test_recalibrate_batchnorm_averages_batch_statistics_and_leaves_the_model_al
     assert torch.allclose(halves.layers[0].norm.running_mean, want, atol=1e-5)
     with pytest.raises(ValueError, match="no BatchNorm"):
         recalibrate_batchnorm(dl.DeepMLP(dl.MLPConfig(depth=2)), x)
+
+
+def test_first_step_below_uses_a_moving_average():
+    hist = dl.History(loss=[5.0] * 10 + [1.0] * 10)
+    assert hist.first_step_below(3.0, window=4) == 12      # at 11, mean of 5,5,1,1 = 3: not < 3
+    assert hist.first_step_below(0.5) is None
+    assert dl.History(loss=[0.1] * 3).first_step_below(1.0, window=10) is None  # too short

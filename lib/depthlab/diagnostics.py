@@ -185,12 +185,17 @@ class LayerProfile:
                 f"(×{self.per_layer_factor():.3g} per layer): {verdict}")
 
 
-def weight_grad_norms(layers: Sequence[nn.Module]) -> list[float]:
-    """‖∂loss/∂θ_l‖ over all parameters of each layer (float64), after a backward pass."""
+def weight_grad_norms(layers: Sequence[nn.Module], weight: str | None = None) -> list[float]:
+    """‖∂loss/∂θ_l‖ over all parameters of each layer (float64), after a backward pass.
+
+    With ``weight`` (a parameter name inside each layer, e.g. ``"mlp.fc2.weight"``), only that
+    parameter: Xiong et al. (2020) track the second MLP matrix of each block (chapter 5).
+    """
     out = []
     for layer in layers:
-        sq = [p.grad.detach().double().pow(2).sum() for p in layer.parameters()
-              if p.grad is not None]
+        params = ([dict(layer.named_parameters())[weight]] if weight is not None
+                  else list(layer.parameters()))
+        sq = [p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None]
         out.append(math.sqrt(float(torch.stack(sq).sum())) if sq else math.nan)
     return out
 
@@ -199,10 +204,11 @@ def gradient_profile(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
                      layers: Sequence[nn.Module] | None = None,
                      loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
                      saturation: str | SaturationRule | None = None,
-                     keep_samples: bool = False) -> LayerProfile:
+                     keep_samples: bool = False, weight: str | None = None) -> LayerProfile:
     """Forward and backward passes on ``batches``; per-layer averages of what ``record`` sees.
 
     ``loss_fn(output, targets)`` defaults to depthlab's cross-entropy (ignoring ``IGNORE``).
+    ``weight`` restricts ``weight_grad_norm`` to one named parameter of each layer.
     Parameter gradients are cleared before and after, so the model is left as it was found.
     Returns a ``LayerProfile``; with ``keep_samples`` it also has ``.recorder`` for histograms.
     """
@@ -215,7 +221,7 @@ def gradient_profile(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
         for x, y in batches:
             loss = loss_fn(model(x.to(device)), y.to(device))
             loss.backward()
-            wsum += np.array(weight_grad_norms(layers))
+            wsum += np.array(weight_grad_norms(layers, weight))
             model.zero_grad(set_to_none=True)
     profile = rec.profile(wsum / max(1, len(batches)))
     if keep_samples:

@@ -91,16 +91,22 @@ def layer_profile(ax: Axes, profiles: Mapping[str, Sequence[float]], *,
     return ax
 
 
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Mean of each run of ``window`` consecutive values: (N,) -> (N - window + 1,)."""
+    v = np.asarray(values, dtype=float)
+    if window <= 1 or len(v) < window:
+        return v
+    return np.convolve(v, np.ones(window) / window, mode="valid")
+
+
 def curves(ax: Axes, runs: Mapping[str, Sequence[float]], *, ylabel: str = "training loss",
            xlabel: str = "optimiser step", log: bool = False, title: str | None = None,
            smooth: int = 1, reference: float | None = None,
            reference_label: str | None = None) -> Axes:
     """Training curves, one per label; ``smooth`` is a moving-average window in steps."""
     for label, values in runs.items():
-        v = np.asarray(values, dtype=float)
-        if smooth > 1 and len(v) >= smooth:
-            v = np.convolve(v, np.ones(smooth) / smooth, mode="valid")
-        ax.plot(np.arange(len(v)) + (smooth - 1), v, label=label)
+        v = moving_average(values, smooth)
+        ax.plot(np.arange(len(v)) + (len(values) - len(v)), v, label=label)
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
     if log:
@@ -161,15 +167,16 @@ def versus(ax: Axes, x: Sequence[float], series: Mapping[str, Sequence[float]], 
     A series may be 1-D (one value per x) or 2-D, (len(x), seeds): then the line is the median
     over seeds and a shaded band spans the lowest to the highest seed.
     """
+    marker = "o" if len(list(x)) <= 30 else None           # dots for sweeps, not for curves
     for label, y in series.items():
         v = np.asarray(y, dtype=float)
         if v.ndim == 2:
-            line, = ax.plot(list(x), np.median(v, axis=1), marker="o", markersize=4,
-                            label=f"{label} (median, band: min-max over {v.shape[1]} seeds)")
+            line, = ax.plot(list(x), np.median(v, axis=1), marker=marker, markersize=4,
+                            label=f"{label} ({v.shape[1]} seeds: median, range)")
             ax.fill_between(list(x), v.min(axis=1), v.max(axis=1), color=line.get_color(),
                             alpha=0.2, linewidth=0)
         else:
-            ax.plot(list(x), v, marker="o", markersize=4, label=label)
+            ax.plot(list(x), v, marker=marker, markersize=4, label=label)
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
     if logx:

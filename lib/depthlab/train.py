@@ -66,6 +66,20 @@ class History:
     def steps_run(self) -> int:
         return len(self.loss)
 
+    def first_step_below(self, threshold: float, metric: str = "loss",
+                         window: int = 10) -> int | None:
+        """The first step at which the ``window``-step moving average of ``metric`` is below
+        ``threshold``, or None if it never is: "how fast did it get there" (chapter 5)."""
+        values = getattr(self, metric)
+        total = 0.0
+        for step, value in enumerate(values):
+            total += value
+            if step >= window:
+                total -= values[step - window]
+            if step >= window - 1 and total / window < threshold:
+                return step
+        return None
+
     def final(self, metric: str = "accuracy", window: int = 10) -> float:
         """Mean of the last ``window`` steps of a metric (NaN for a diverged run's loss)."""
         values = getattr(self, metric)[-window:]
