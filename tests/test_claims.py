@@ -86,3 +86,15 @@ def test_span_prints_the_range_over_seeds():
     assert span([0.61, 0.573, 0.6]) == "0.57–0.61"
     assert span(0.5) == "0.50"
     assert span([1e-7, 3e-6], fmt="{:.0e}") == "1e-07–3e-06"
+
+
+def test_verdict_table_cites_checked_claims_only():
+    from depthlab.claims import verdict_table
+
+    book = dl.ClaimBook("t", ledger=None)
+    book.check("a", "s", dl.below("x", 1.0, 2.0), display=False)
+    table = verdict_table([{"remedy": "clip", "verdict": "does nothing", "claim": "a"}], book)
+    assert table.splitlines()[0] == "| remedy | verdict | checked claim |"
+    assert "`a` (holds)" in table
+    with pytest.raises(KeyError, match="not checked"):
+        verdict_table([{"remedy": "x", "claim": "missing"}], book)

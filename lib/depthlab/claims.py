@@ -22,7 +22,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -222,6 +222,39 @@ class ClaimBook:
 
     def summary(self) -> str:
         return "\n".join(v.to_text() for v in self.verdicts.values())
+
+
+def verdict_table(rows: Sequence[Mapping[str, str]], claims: ClaimBook) -> str:
+    """A Markdown table of remedies and their verdicts, every row backed by a checked claim.
+
+    Each row maps column names to text and names its evidence under "claim": a claim id
+    already checked in ``claims``. The table adds the claim's measured verdict, and refuses a
+    row whose claim was never checked or did not come out as the chapter stated, so a cell
+    cannot say more than the measurements did (chapter 6). Displayed in a notebook; returned.
+    """
+    if not rows:
+        raise ValueError("verdict_table needs at least one row")
+    columns = [c for c in rows[0] if c != "claim"] + ["checked claim"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        claim_id = row["claim"]
+        if claim_id not in claims.verdicts:
+            raise KeyError(f"row {row} cites claim {claim_id!r}, which was not checked")
+        v = claims.verdicts[claim_id]
+        if not v.as_expected:
+            raise AssertionError(f"claim {claim_id!r} did not come out as stated")
+        cells = [str(row[c]).replace("|", "/") for c in columns[:-1]]
+        cells.append(f"`{claim_id}` ({'holds' if v.verdict == 'holds' else 'myth refuted'})")
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+        if get_ipython() is not None:
+            display(Markdown(text))
+    except ImportError:
+        pass
+    return text
 
 
 def _show(v: Verdict) -> None:

@@ -172,6 +172,9 @@ class LayerProfile:
         """One sentence that says what the numbers mean."""
         L = self.n_layers
         r = self.ratio
+        if math.isnan(r) or math.isinf(r) and r > 0 and not np.isfinite(self.act_grad_norm).all():
+            return (f"first/last gradient ratio {r:.2g}: gradients are not finite across {L} "
+                    "layers: the forward or backward pass overflowed (exploding)")
         if not math.isfinite(r) or r == 0:
             return (f"first/last gradient ratio {r:.2g}: the gradient does not reach layer 0 "
                     f"at all (underflow or a dead path) across {L} layers")
@@ -638,3 +641,246 @@ class Smoothness(Callback):
         finite = all(math.isfinite(v) for v in losses + betas)
         self.loss_range.append(max(losses) - min(losses) if finite else math.inf)
         self.beta.append(max(betas) if finite else math.inf)
+
+
+# --------------------------------------------------------------------------------------------
+# Remedies under the microscope (chapter 6): memory, precision, and a one-call diagnosis.
+# --------------------------------------------------------------------------------------------
+
+
+def activation_memory(model: nn.Module, inputs: Tensor, targets: Tensor) -> int:
+    """Bytes of activations the autograd graph keeps for the backward pass of one batch.
+
+    Counted exactly with saved-tensor hooks: every tensor saved for backward, each storage
+    once, parameters excluded. This is the memory that gradient checkpointing trades for
+    recomputation (tensors saved inside a checkpointed block are recomputed in backward and
+    not kept). Device-agnostic; on CUDA, ``torch.cuda.max_memory_allocated`` tells the rest.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    device = next(model.parameters()).device
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = loss_and_accuracy(model(inputs.to(device)), targets.to(device))
+    del loss                                                  # free the graph
+    return sum(kept.values())
+
+
+@dataclass
+class PrecisionReport:
+    """Per-layer gradients computed in reduced precision, against float32 (chapter 6)."""
+
+    dtype: str
+    loss_scale: float
+    underflow: np.ndarray         # (L,) fraction of nonzero float32 gradient entries that are 0
+    weight_grad_norm: np.ndarray  # (L,) gradient norm of each layer's parameters (unscaled)
+
+    @property
+    def ratio(self) -> float:
+        """First-layer / last-layer weight-gradient norm (0 when the first layer underflowed)."""
+        return float(self.weight_grad_norm[0] / self.weight_grad_norm[-1])
+
+
+def _layer_grads(model: nn.Module, layers: Sequence[nn.Module], inputs: Tensor,
+                 targets: Tensor, dtype: torch.dtype | None, loss_scale: float) -> list[Tensor]:
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    if dtype is None:
+        logits = model(inputs.to(device))
+    else:
+        with torch.autocast(device.type, dtype=dtype):
+            logits = model(inputs.to(device))
+    loss, _ = loss_and_accuracy(logits.float(), targets.to(device))
+    (loss * loss_scale).backward()
+    grads = [torch.cat([p.grad.detach().reshape(-1).double() / loss_scale
+                        for p in layer.parameters() if p.grad is not None])
+             for layer in layers]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def gradient_precision(model: nn.Module, inputs: Tensor, targets: Tensor, dtype: torch.dtype,
+                       *, loss_scale: float = 1.0,
+                       layers: Sequence[nn.Module] | None = None) -> PrecisionReport:
+    """Compute the gradients under autocast in ``dtype`` and compare with float32.
+
+    float16 has 5 exponent bits: values below about 6e-8 flush to zero, so tiny (vanishing)
+    gradients become exactly 0. ``loss_scale`` multiplies the loss before backward and divides
+    the gradients after, as a GradScaler does, lifting small gradients into range. bfloat16
+    keeps float32's exponent range and so its small gradients.
+    """
+    layers = list(layers) if layers is not None else find_layers(model)
+    reference = _layer_grads(model, layers, inputs, targets, None, 1.0)
+    reduced = _layer_grads(model, layers, inputs, targets, dtype, loss_scale)
+    underflow = []
+    for ref, red in zip(reference, reduced):
+        nonzero = ref != 0
+        lost = (red == 0) & nonzero
+        underflow.append(float(lost.sum()) / max(1, int(nonzero.sum())))
+    return PrecisionReport(str(dtype).replace("torch.", ""), loss_scale, np.array(underflow),
+                           np.array([float(g.norm()) for g in reduced]))
+
+
+def activation_saturation(model: nn.Module, inputs: Tensor,
+                          layers: Sequence[nn.Module] | None = None) -> np.ndarray:
+    """(L,) fraction of saturated or dead units among each layer's activation modules.
+
+    ReLU and GELU: units that are off (output 0, or input below -3 for GELU) for *every*
+    example and token of the batch: dead units, whose gradient is zero (a ReLU that is off for
+    half the inputs is working normally). tanh: entries with |output| > 0.99; sigmoid: entries
+    outside [0.01, 0.99]. NaN for a layer without such modules (e.g. a model that calls
+    ``F.relu`` directly, which hooks cannot see).
+    """
+    layers = list(layers) if layers is not None else find_layers(model)
+    fractions: list[list[float]] = [[] for _ in layers]
+    handles = []
+
+    def watch(i: int, module: nn.Module):
+        def hook(mod, args, out):
+            if isinstance(mod, (nn.ReLU, nn.GELU)):
+                off = (out <= 0) if isinstance(mod, nn.ReLU) else (args[0] < -3)
+                frac = off.reshape(-1, off.shape[-1]).all(dim=0).double().mean()   # dead units
+            elif isinstance(mod, nn.Tanh):
+                frac = SATURATION_RULES["tanh"](out)
+            else:
+                frac = SATURATION_RULES["sigmoid"](out)
+            fractions[i].append(float(frac))
+        return module.register_forward_hook(hook)
+
+    for i, layer in enumerate(layers):
+        for m in layer.modules():
+            if isinstance(m, (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid)):
+                handles.append(watch(i, m))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(inputs.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return np.array([float(np.mean(f)) if f else math.nan for f in fractions])
+
+
+@dataclass
+class Diagnosis:
+    """What ``diagnose`` measured on one batch, and what it concludes. Arrays are (L,)."""
+
+    profile: LayerProfile
+    update_log10: np.ndarray      # log10 ‖ΔW‖/‖W‖ of each layer after one optimiser step
+    saturation: np.ndarray        # fraction of saturated or dead units (NaN: none found)
+    findings: list[str]
+
+    @property
+    def ratio(self) -> float:
+        return self.profile.ratio
+
+    def report(self) -> str:
+        """The findings as a short bulleted text."""
+        return "\n".join(f"- {f}" for f in self.findings)
+
+    def _repr_markdown_(self) -> str:
+        return "**Diagnosis**\n\n" + self.report()
+
+
+def diagnose(model: nn.Module, batch: tuple[Tensor, Tensor], train_cfg=None, *,
+             layers: Sequence[nn.Module] | None = None) -> Diagnosis:
+    """Examine a model on one batch before trying any remedy (chapter 6).
+
+    Measures, per layer: the activation-gradient norm (the first/last ratio tells vanishing
+    from exploding), the update-to-weight ratio of one optimiser step taken with ``train_cfg``
+    (default: Adam at 1e-3) on a copy of the model, the fraction of saturated or dead units,
+    and the token similarity (rank collapse). ``findings`` says in words what is wrong. Works
+    on any ``nn.Module`` whose layers ``find_layers`` can see; the model is left unchanged.
+    """
+    import copy
+
+    from .config import TrainConfig
+    from .train import train
+
+    cfg = (train_cfg or TrainConfig(lr=1e-3)).replace(steps=1, progress=False)
+    layers = list(layers) if layers is not None else find_layers(model)
+    profile = gradient_profile(model, [batch], layers=layers)
+    saturation = activation_saturation(model, batch[0], layers)
+
+    names = {id(m): n for n, m in model.named_modules()}
+    clone = copy.deepcopy(model)
+    clone_modules = dict(clone.named_modules())
+    watch = UpdateRatio([clone_modules[names[id(layer)]] for layer in layers])
+
+    class _Once:
+        def batch(self, step: int) -> tuple[Tensor, Tensor]:
+            return batch
+
+    train(clone, _Once(), cfg, [watch])
+    update = watch.log10[0] if watch.log10 else np.full(len(layers), math.nan)
+    return Diagnosis(profile, update, saturation, _findings(profile, update, saturation))
+
+
+def _findings(profile: LayerProfile, update: np.ndarray, saturation: np.ndarray) -> list[str]:
+    out = [profile.describe()]
+    finite = update[np.isfinite(update)]
+    if len(finite) and (finite.min() < -6 or finite.max() - finite.min() > 2):
+        k = int(np.nanargmin(np.where(np.isfinite(update), update, np.inf)))
+        out.append(f"layer {k} barely moves: one step changes its weights by "
+                   f"10^{update[k]:.1f} of their norm (healthy is near 10^-3; the fastest "
+                   f"layer moves 10^{finite.max():.1f})")
+    if len(finite) and finite.max() > -1.5:
+        k = int(np.nanargmax(np.where(np.isfinite(update), update, -np.inf)))
+        out.append(f"layer {k} is being overwritten: one step changes its weights by "
+                   f"10^{update[k]:.1f} of their norm")
+    if np.isfinite(saturation).any() and np.nanmax(saturation) > 0.5:
+        k = int(np.nanargmax(saturation))
+        out.append(f"{saturation[k]:.0%} of the units in layer {k} are saturated or dead")
+    sim = profile.token_similarity
+    if len(sim) and np.isfinite(sim[-1]) and sim[-1] > 0.9:
+        first = int(np.argmax(sim > 0.9))
+        out.append(f"rank collapse: from layer {first} on, the tokens of a sequence are nearly "
+                   f"the same vector (mean cosine similarity {sim[-1]:.2f} after the last "
+                   "layer)")
+    if len(out) == 1 and 1e-2 <= profile.ratio <= 1e2:
+        out.append("no problem found in gradients, updates, saturation or token diversity")
+    return out
+
+
+def parameter_gradients(model: nn.Module, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
+    """The gradient of every parameter for one batch (copies; the model's .grad is cleared)."""
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    loss, _ = loss_and_accuracy(model(batch[0].to(device)), batch[1].to(device))
+    loss.backward()
+    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+             for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def gradient_norms_by_layer(model: nn.Module, batch: tuple[Tensor, Tensor], *,
+                            clip_norm: float | None = None, normalise: bool = False,
+                            layers: Sequence[nn.Module] | None = None) -> np.ndarray:
+    """(L,) norm of each layer's parameter gradient for one batch, in float64.
+
+    ``clip_norm`` applies ``torch.nn.utils.clip_grad_norm_`` to all parameters first, as the
+    training loop does; ``normalise`` divides the whole gradient by its global norm. Both
+    multiply every layer by the same factor, which is the point of measuring them (chapter 6).
+    """
+    layers = list(layers) if layers is not None else find_layers(model)
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    loss, _ = loss_and_accuracy(model(batch[0].to(device)), batch[1].to(device))
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    if normalise:
+        total = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params))
+        for p in params:
+            p.grad.div_(total.to(p.grad.dtype))
+    norms = np.array(weight_grad_norms(layers))
+    model.zero_grad(set_to_none=True)
+    return norms

@@ -11,10 +11,13 @@ weights into a ``Block`` so the two can be compared number for number (chapter 0
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .config import MLPConfig, TransformerConfig
@@ -289,11 +292,38 @@ class Encoder(nn.Module):
             self.final_norm = (make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps)
                                if cfg.has_final_norm else nn.Identity())
         init_weights(self, cfg.init, n_layers=cfg.n_layers, gain=cfg.init_gain, seed=seed)
+        self.checkpoint = False    # recompute each block in backward (``gradient_checkpointing``)
 
     def forward(self, x: Tensor) -> Tensor:
+        recompute = self.checkpoint and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x)
+            if recompute:
+                # Keep only each block's input for backward and run the block again there:
+                # the same gradients for less activation memory (chapter 6).
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.final_norm(x)
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: nn.Module) -> Iterator[nn.Module]:
+    """Turn on activation checkpointing in every depthlab ``Encoder`` inside ``model``.
+
+    Inside the ``with`` block each transformer block's activations are recomputed during the
+    backward pass instead of stored. Gradients are unchanged; memory drops and time rises.
+    """
+    encoders = [m for m in model.modules() if isinstance(m, Encoder)]
+    if not encoders:
+        raise ValueError(f"{type(model).__name__} has no depthlab Encoder to checkpoint")
+    before = [e.checkpoint for e in encoders]
+    for e in encoders:
+        e.checkpoint = True
+    try:
+        yield model
+    finally:
+        for e, b in zip(encoders, before):
+            e.checkpoint = b
 
 
 class SequenceModel(nn.Module):

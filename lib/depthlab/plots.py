@@ -196,7 +196,8 @@ def bars(ax: Axes, groups: Sequence[str], series: Mapping[str, Sequence[float]],
     """Grouped bars: one group per entry of ``groups``, one bar per label of ``series``.
 
     On a log axis a value of exactly 0 cannot be drawn: its bar is drawn down to ``floor``,
-    hatched, and labelled "0", so that "no effect at all" stays visible.
+    hatched, and labelled "0", so that "no effect at all" stays visible. A NaN or infinite
+    value (a run that overflowed) gets no bar and the label "not finite".
     """
     n = len(series)
     width = 0.8 / max(n, 1)
@@ -207,6 +208,11 @@ def bars(ax: Axes, groups: Sequence[str], series: Mapping[str, Sequence[float]],
         shown = np.where(zero & log, floor, v) if log else v
         pos = xs - 0.4 + width * (i + 0.5)
         rects = ax.bar(pos, shown, width, label=label)
+        for rect, value in zip(rects, v):
+            if not np.isfinite(value):
+                ax.annotate("not\nfinite", (rect.get_x() + rect.get_width() / 2,
+                                            floor if log else 0), ha="center", va="bottom",
+                            fontsize=7)
         for rect, z in zip(rects, zero):
             if z and log:
                 rect.set_hatch("//")
@@ -306,3 +312,20 @@ def norm_axes_diagram(ax: Axes, kind: str, *, batch: int = 3, tokens: int = 4,
              "rms": "RMSNorm: one token, all D features\n(root mean square only)"}
     ax.set_title(names.get(kind, kind), fontsize=9)
     return ax
+
+
+def diagnosis(axes: Sequence[Axes], diagnoses: Mapping[str, object]) -> Sequence[Axes]:
+    """Three panels for ``diagnostics.diagnose`` results, one line per label: the gradient
+    reaching each layer, the update-to-weight ratio of one step (reference 10^-3) and the
+    token similarity (1 = rank collapse). ``axes``: three Axes, e.g. ``axes[0]`` of a
+    ``figure(3)``."""
+    grad = {k: d.profile.act_grad_norm for k, d in diagnoses.items()}
+    layer_profile(axes[0], grad, title="gradient reaching each layer")
+    update = {k: d.update_log10 for k, d in diagnoses.items()}
+    layer_profile(axes[1], update, log=False, reference=-3.0,
+                  ylabel="log10 ‖ΔW‖/‖W‖ after one step", title="update ratio (healthy ≈ -3)")
+    sim = {k: d.profile.token_similarity for k, d in diagnoses.items()}
+    layer_profile(axes[2], sim, log=False, ylabel="mean cosine similarity between tokens",
+                  title="rank collapse (1 = all tokens alike)")
+    axes[2].set_ylim(-0.05, 1.05)
+    return axes
