@@ -8,6 +8,11 @@ Both create the virtual environment ``.venv`` from requirements.txt on first use
 whenever requirements.txt or pyproject.toml changes). ``test`` also installs Debian's chromium
 with apt-get when it is missing and you are root. Extra arguments after ``test`` go to pytest,
 e.g. ``python3 tasks.py test -k claims``.
+
+For teachers (see the book's Instructor guide; both use nbgrader, installed the same way):
+
+    python3 tasks.py assign 03 05 --to handout/       student versions of chapters 3 and 5
+    python3 tasks.py grade submissions/ --to grades.csv   scores per student and exercise
 """
 
 from __future__ import annotations
@@ -83,13 +88,21 @@ def test(pytest_args: list[str]) -> None:
         env=env())
 
 
+def coursework(command: str, args: list[str]) -> None:
+    """``assign`` and ``grade``: tools/coursework.py, run inside .venv (see its docstring)."""
+    ensure_venv()
+    run(BIN / "python", ROOT / "tools" / "coursework.py", command, *args, env=env())
+
+
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in {"book", "test"}:
+    if not argv or argv[0] not in {"book", "test", "assign", "grade"}:
         sys.exit(__doc__)
     if argv[0] == "book":
         book()
-    else:
+    elif argv[0] == "test":
         test(argv[1:])
+    else:
+        coursework(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
    ``lib/depthlab`` would leave pages computed by the old library. We store a hash of the
    library's source beside the cache and clear the cache when it differs.
 3. Removes duplicate <script> tags from pages (see ``on_html_page_context``).
-4. Provides the ``claims-ledger`` directive, and makes the page that uses it be read after
+4. Provides the ``coursework-table`` directive (the instructor guide's per-chapter goals and
+   exercises, read from the notebooks).
+5. Provides the ``claims-ledger`` directive, and makes the page that uses it be read after
    every chapter (so the chapters have run and logged their claims) and re-read on every build.
 """
 
@@ -148,6 +150,40 @@ class ClaimsLedger(SphinxDirective):
         return row
 
 
+class CourseworkTable(SphinxDirective):
+    """For the instructor guide: each chapter's learning goals and its graded exercises.
+
+    Read from the notebooks themselves (the "## Learning goals" list, the ``{exercise}``
+    titles and the nbgrader points), so the guide cannot fall behind the chapters.
+    """
+
+    def run(self):
+        from docutils.statemachine import StringList
+
+        root = Path(self.env.srcdir)
+        lines: list[str] = []
+        for path in sorted((root / "chapters").glob("[0-9][0-9]_*.ipynb")):
+            cells = json.loads(path.read_text())["cells"]
+            text = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+            title = text[0].splitlines()[0].lstrip("# ").strip()
+            goals = ""
+            for t in text:
+                if "## Learning goals" in t:
+                    goals = t.split("## Learning goals", 1)[1].split("\n## ", 1)[0].strip()
+            titles = [t.split("\n", 1)[0].split("}", 1)[1].strip() for t in text
+                      if t.startswith("````{exercise}")]
+            points = [c["metadata"]["nbgrader"]["points"] for c in cells
+                      if c["metadata"].get("nbgrader", {}).get("grade")]
+            lines += [f"### [{title}](chapters/{path.stem}.ipynb)", "", "**Learning goals**",
+                      "", goals, "", f"**Exercises** ({sum(points):g} points, nbgrader "
+                      f"assignment `{path.stem}`): "
+                      + "; ".join(f"{t} ({p:g})" for t, p in zip(titles, points)) + ".", ""]
+        node = nodes.container()
+        self.state.nested_parse(StringList(lines, source="coursework-table"),
+                                self.content_offset, node)
+        return node.children
+
+
 def on_html_page_context(app, pagename, templatename, context, doctree) -> None:
     """Drop repeated <script> entries (an inline script has filename None or "").
 
@@ -176,4 +212,5 @@ def setup(app):
     # early: html-page-context stops at the first handler that returns a template name
     app.connect("html-page-context", on_html_page_context, priority=100)
     app.add_directive("claims-ledger", ClaimsLedger)
+    app.add_directive("coursework-table", CourseworkTable)
     return {"parallel_read_safe": False, "parallel_write_safe": True, "version": "0.1"}

@@ -138,3 +138,13 @@ def test_first_step_below_uses_a_moving_average():
     assert hist.first_step_below(3.0, window=4) == 12      # at 11, mean of 5,5,1,1 = 3: not < 3
     assert hist.first_step_below(0.5) is None
     assert dl.History(loss=[0.1] * 3).first_step_below(1.0, window=10) is None  # too short
+
+
+def test_train_and_evaluate_scores_on_held_out_data():
+    task = dl.SequenceTask("copy", n=4, batch_size=32, seed=0)
+    hist, acc = dl.train_and_evaluate(dl.SequenceModel(SMALL, seed=0), task,
+                                      dl.TrainConfig(steps=20, lr=3e-3), eval_size=128)
+    assert hist.steps_run == 20 and 0.0 <= acc <= 1.0
+    model = dl.SequenceModel(SMALL, seed=0)
+    dl.train(model, task, dl.TrainConfig(steps=20, lr=3e-3))
+    assert acc == dl.evaluate(model, *task.eval_batch(128))["accuracy"]   # the same run

@@ -37,7 +37,15 @@ from .models import (
     load_torch_encoder_layer,
     torch_parity,
 )
-from .train import Callback, History, evaluate, pick_device, recalibrate_batchnorm, train
+from .train import (
+    Callback,
+    History,
+    evaluate,
+    pick_device,
+    recalibrate_batchnorm,
+    train,
+    train_and_evaluate,
+)
 
 __version__ = "0.1.0"
 
@@ -48,7 +56,7 @@ __all__ = [
     "TrainConfig", "TransformerConfig", "UpdateRatio", "above", "below", "between",
     "config_from_torch_layer", "evaluate", "find_layers", "gradient_profile", "init_weights",
     "load_torch_encoder_layer", "pick_device", "recalibrate_batchnorm", "record",
-    "token_similarity", "torch_parity", "train",
+    "token_similarity", "torch_parity", "train", "train_and_evaluate",
     "__version__",
 ]
 

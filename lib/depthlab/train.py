@@ -224,6 +224,20 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig,
     return hist
 
 
+def train_and_evaluate(model: nn.Module, data: DataSource, cfg: TrainConfig,
+                       callbacks: Iterable[Callback] = (), *,
+                       eval_size: int | None = None) -> tuple[History, float]:
+    """Train ``model``, then return its History and its held-out accuracy (eval mode).
+
+    The held-out data is ``data.eval_batch(eval_size)``: the test split for ``Digits``, a
+    stream no training step uses for ``SequenceTask``. The one-liner behind every "train
+    this configuration for several seeds" loop of the chapters.
+    """
+    hist = train(model, data, cfg, callbacks)
+    held_out = data.eval_batch() if eval_size is None else data.eval_batch(eval_size)
+    return hist, evaluate(model, *held_out)["accuracy"]
+
+
 def _check_plateau(hist: History, cfg: TrainConfig) -> None:
     w = min(cfg.plateau_window, max(1, hist.steps_run // 4))
     if hist.steps_run < 2 * w:
