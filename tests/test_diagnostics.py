@@ -365,3 +365,17 @@ def test_activation_saturation_counts_dead_relus_and_saturated_sigmoids():
     assert activation_saturation(relu, x).max() < 0.2          # half off per input, few dead
     assert np.isnan(activation_saturation(nn.Sequential(nn.Linear(64, 8)), x,
                                           layers=[nn.Linear(1, 1)])[0])
+
+
+def test_describe_names_overflow_underflow_and_dead_ends():
+    from depthlab.diagnostics import LayerProfile
+
+    def profile(grads):
+        g = np.array(grads, dtype=float)
+        return LayerProfile(g, g, g, g, g, g)
+
+    assert "overflowed" in profile([np.nan, 1.0]).describe()
+    assert "overflowed" in profile([np.inf, 1.0]).describe()
+    assert "does not reach layer 0" in profile([0.0, 1.0]).describe()
+    assert "receives no gradient" in profile([1.0, 0.0]).describe()
+    assert "vanish" in profile([1e-5, 1.0]).describe()

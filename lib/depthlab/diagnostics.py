@@ -153,7 +153,8 @@ class LayerProfile:
     @property
     def ratio(self) -> float:
         """First-layer / last-layer activation-gradient norm: < 1 vanishing, > 1 exploding."""
-        return float(self.act_grad_norm[0] / self.act_grad_norm[-1])
+        with np.errstate(divide="ignore", invalid="ignore"):     # 0 or inf are answers too
+            return float(self.act_grad_norm[0] / self.act_grad_norm[-1])
 
     @property
     def weight_ratio(self) -> float:
@@ -172,12 +173,15 @@ class LayerProfile:
         """One sentence that says what the numbers mean."""
         L = self.n_layers
         r = self.ratio
-        if math.isnan(r) or math.isinf(r) and r > 0 and not np.isfinite(self.act_grad_norm).all():
+        if math.isnan(r) or not np.isfinite(self.act_grad_norm).all():
             return (f"first/last gradient ratio {r:.2g}: gradients are not finite across {L} "
                     "layers: the forward or backward pass overflowed (exploding)")
-        if not math.isfinite(r) or r == 0:
-            return (f"first/last gradient ratio {r:.2g}: the gradient does not reach layer 0 "
-                    f"at all (underflow or a dead path) across {L} layers")
+        if r == 0:
+            return (f"first/last gradient ratio 0: the gradient does not reach layer 0 at all "
+                    f"(underflow or a dead path) across {L} layers")
+        if math.isinf(r):
+            return (f"first/last gradient ratio inf: the last of {L} layers receives no "
+                    "gradient (a dead path after it)")
         if r < 1e-2:
             verdict = f"gradients vanish between layer {L - 1} and layer 0"
         elif r > 1e2:
