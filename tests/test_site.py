@@ -102,3 +102,15 @@ def test_other_pages_render(server, browser, name):
     assert "Traceback" not in page.locator("main").inner_text()
     assert not errors, errors
     page.close()
+
+
+@pytest.mark.parametrize("chapter, marker", [("00_tour", "train_and_evaluate"),
+                                             ("06_which_fixes_work",
+                                              "clipping-cannot-fix-vanishing")])
+def test_markdown_tables_printed_by_chapters_render_as_tables(build, chapter, marker):
+    """The API table and the verdict table are Markdown printed by code: they must reach the
+    page as HTML tables, not as a paragraph of pipes."""
+    page = (HTML / "chapters" / f"{chapter}.html").read_text()
+    tables = page.split("<table")[1:]
+    assert any(marker in t.split("</table>")[0] for t in tables), f"no table with {marker}"
+    assert "|---|" not in page and "|—|" not in page
