@@ -379,3 +379,13 @@ def test_describe_names_overflow_underflow_and_dead_ends():
     assert "does not reach layer 0" in profile([0.0, 1.0]).describe()
     assert "receives no gradient" in profile([1.0, 0.0]).describe()
     assert "vanish" in profile([1e-5, 1.0]).describe()
+
+
+def test_running_mean_stream_follows_the_moving_average_formula():
+    from depthlab.diagnostics import running_mean_stream
+
+    spread, trace = running_mean_stream(0.1, 4, mean=3.0, sd=2.0, steps=200, seed=0)
+    predicted = 2.0 * math.sqrt(0.1 / ((2 - 0.1) * 4))         # σ √(m / ((2 − m) B))
+    assert 0.8 < spread / predicted < 1.2
+    assert trace.shape == (200,) and trace[0] == pytest.approx(0.3, abs=0.2)  # 0.9·0 + 0.1·x̄
+    assert abs(trace[-50:].mean() - 3.0) < 0.5

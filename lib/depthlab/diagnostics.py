@@ -381,6 +381,29 @@ def output_change(model: nn.Module, inputs: Tensor, changed: Tensor, at=0, *,
         model.train(was_training)
 
 
+def running_mean_stream(momentum: float, batch_size: int, *, mean: float = 0.0,
+                        sd: float = 1.0, features: int = 512, steps: int = 600,
+                        seed: int = 0) -> tuple[float, np.ndarray]:
+    """How noisy BatchNorm's running mean is: feed a fresh ``BatchNorm`` a stream of batches.
+
+    Each of ``steps`` batches is (batch_size, features) of independent N(mean, sd²) values.
+    Returns the standard deviation of the final running mean across the ``features``
+    (independent copies of the same process) and the trace (steps,) of feature 0's running
+    mean. Run for more than about 5/momentum steps, the spread is the stationary one
+    (chapter 3).
+    """
+    from .models import BatchNorm
+
+    g = torch.Generator().manual_seed(seed)
+    bn = BatchNorm(features, momentum=momentum)
+    trace = np.empty(steps)
+    with torch.no_grad():
+        for step in range(steps):
+            bn(mean + sd * torch.randn(batch_size, features, generator=g))
+            trace[step] = float(bn.running_mean[0])
+    return float(bn.running_mean.std()), trace
+
+
 class UpdateRatio(Callback):
     """Log10 of ‖ΔW‖ / ‖W‖ per layer and step, over the weight matrices of each layer.
 
@@ -540,12 +563,8 @@ class InputDrift(Callback):
             return hook
 
         handles = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
-        try:
-            with probing(model, seed=step), torch.no_grad():
-                model(self.probe.to(next(model.parameters()).device))
-        finally:
-            for h in handles:
-                h.remove()
+        with probing(model, seed=step):
+            _run_once(model, self.probe.to(next(model.parameters()).device), handles)
         self.steps.append(step)
         self.mean.append([s.mean(0).cpu().numpy() for s in seen])
         self.std.append([s.std(0).cpu().numpy() for s in seen])
@@ -691,17 +710,23 @@ class PrecisionReport:
         return float(self.weight_grad_norm[0] / self.weight_grad_norm[-1])
 
 
-def _layer_grads(model: nn.Module, layers: Sequence[nn.Module], inputs: Tensor,
-                 targets: Tensor, dtype: torch.dtype | None, loss_scale: float) -> list[Tensor]:
+def _backward(model: nn.Module, inputs: Tensor, targets: Tensor, *,
+              dtype: torch.dtype | None = None, loss_scale: float = 1.0) -> None:
+    """Clear the gradients, then one forward (under autocast in ``dtype`` if given) and
+    backward pass of ``loss_scale`` times depthlab's loss: the model's .grad is filled."""
     device = next(model.parameters()).device
     model.zero_grad(set_to_none=True)
-    if dtype is None:
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
+                else contextlib.nullcontext())
+    with autocast:
         logits = model(inputs.to(device))
-    else:
-        with torch.autocast(device.type, dtype=dtype):
-            logits = model(inputs.to(device))
     loss, _ = loss_and_accuracy(logits.float(), targets.to(device))
     (loss * loss_scale).backward()
+
+
+def _layer_grads(model: nn.Module, layers: Sequence[nn.Module], inputs: Tensor,
+                 targets: Tensor, dtype: torch.dtype | None, loss_scale: float) -> list[Tensor]:
+    _backward(model, inputs, targets, dtype=dtype, loss_scale=loss_scale)
     grads = [torch.cat([p.grad.detach().reshape(-1).double() / loss_scale
                         for p in layer.parameters() if p.grad is not None])
              for layer in layers]
@@ -761,13 +786,7 @@ def activation_saturation(model: nn.Module, inputs: Tensor,
         for m in layer.modules():
             if isinstance(m, (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid)):
                 handles.append(watch(i, m))
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            model(inputs.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    _run_once(model, inputs.to(next(model.parameters()).device), handles)
     return np.array([float(np.mean(f)) if f else math.nan for f in fractions])
 
 
@@ -854,10 +873,7 @@ def _findings(profile: LayerProfile, update: np.ndarray, saturation: np.ndarray)
 
 def parameter_gradients(model: nn.Module, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
     """The gradient of every parameter for one batch (copies; the model's .grad is cleared)."""
-    device = next(model.parameters()).device
-    model.zero_grad(set_to_none=True)
-    loss, _ = loss_and_accuracy(model(batch[0].to(device)), batch[1].to(device))
-    loss.backward()
+    _backward(model, *batch)
     grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
              for p in model.parameters()]
     model.zero_grad(set_to_none=True)
@@ -874,10 +890,7 @@ def gradient_norms_by_layer(model: nn.Module, batch: tuple[Tensor, Tensor], *,
     multiply every layer by the same factor, which is the point of measuring them (chapter 6).
     """
     layers = list(layers) if layers is not None else find_layers(model)
-    device = next(model.parameters()).device
-    model.zero_grad(set_to_none=True)
-    loss, _ = loss_and_accuracy(model(batch[0].to(device)), batch[1].to(device))
-    loss.backward()
+    _backward(model, *batch)
     params = [p for p in model.parameters() if p.grad is not None]
     if clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, clip_norm)
