@@ -78,3 +78,67 @@ def test_norm_noise_needs_batchnorm():
         dl.MLPConfig(norm_kind="layer", norm_noise=0.3)
     with pytest.raises(dl.ConfigError, match="norm_noise"):
         dl.MLPConfig(norm_kind="batch", norm_noise=-1.0)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, field",
+    [
+        (dl.TrainConfig, {"lr": float("inf")}, "lr"),
+        (dl.TrainConfig, {"lr": float("nan")}, "lr"),
+        (dl.TrainConfig, {"weight_decay": float("inf")}, "weight_decay"),
+        (dl.TransformerConfig, {"alpha_sa": float("inf")}, "alpha_sa"),
+        (dl.TransformerConfig, {"causal": "no"}, "causal"),
+        (dl.TransformerConfig, {"bias": 1}, "bias"),
+        (dl.TransformerConfig, {"final_norm": "yes"}, "final_norm"),
+        (dl.MLPConfig, {"bias": "no"}, "bias"),
+        (dl.MLPConfig, {"residual": 0}, "residual"),
+        (dl.TrainConfig, {"device": "gpu"}, "device"),
+        (dl.TrainConfig, {"device": ""}, "device"),
+        (dl.TrainConfig, {"progress": "yes"}, "progress"),
+        (dl.TrainConfig, {"schedule": "step"}, "schedule"),
+        (dl.TrainConfig, {"sync_every": 0}, "sync_every"),
+        (dl.TransformerConfig, {"mlp_ratio": 0.001}, "mlp_ratio"),
+    ],
+)
+def test_boundary_values_are_refused_at_construction(cls, kwargs, field):
+    with pytest.raises(dl.ConfigError, match=field):
+        cls(**kwargs)
+
+
+def test_a_device_that_is_not_on_this_machine_is_refused():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(dl.ConfigError, match="CUDA is not available"):
+        dl.TrainConfig(device="cuda")
+    assert dl.TrainConfig(device="cpu").device == "cpu"
+
+
+def test_chapters_train_in_float32_unless_they_ask():
+    """amp="auto" would switch a Colab GPU to bfloat16 and move a page's numbers."""
+    assert dl.TrainConfig().amp == "off"
+
+
+def test_token_ids_outside_the_vocabulary_name_the_field():
+    import torch
+
+    model = dl.SequenceModel(dl.TransformerConfig(d_model=16, n_heads=2, n_layers=1,
+                                                  vocab_size=8, max_len=8))
+    with pytest.raises(ValueError, match="vocab_size=8"):
+        model(torch.tensor([[1, 2, 9]]))
+
+
+def test_seeds_come_from_one_place_and_shift_with_the_offset(monkeypatch):
+    monkeypatch.delenv("DEPTHLAB_SEED_OFFSET", raising=False)
+    assert dl.seeds(3) == [0, 1, 2]
+    assert dl.TrainConfig().seed == 0 and dl.SequenceTask().seed == 0
+    monkeypatch.setenv("DEPTHLAB_SEED_OFFSET", "2")
+    assert dl.seeds(3) == [2000, 2001, 2002]
+    assert dl.TrainConfig().seed == 2000 and dl.SequenceTask().seed == 2000
+    assert dl.TrainConfig(seed=5).seed == 5                       # an explicit seed wins
+    monkeypatch.setenv("DEPTHLAB_SEED_OFFSET", "-1")
+    with pytest.raises(ValueError, match="DEPTHLAB_SEED_OFFSET"):
+        dl.seeds(1)
+    with pytest.raises(ValueError, match="seeds"):
+        dl.seeds(0)

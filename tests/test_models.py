@@ -25,7 +25,7 @@ def test_parity_detects_a_wiring_error():
     """The parity check must be able to fail: swap the placement and the outputs differ."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-    block = models.load_torch_encoder_layer(
+    block = dl.load_torch_encoder_layer(
         dl.Block(dl.config_from_torch_layer(layer)), layer)
     wrong = dl.Block(block.cfg.replace(norm_placement="pre"))
     wrong.load_state_dict(block.state_dict())

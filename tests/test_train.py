@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import depthlab as dl
-from depthlab.train import lr_at, recalibrate_batchnorm
+from depthlab.training import lr_at, recalibrate_batchnorm
 
 SMALL = dl.TransformerConfig(d_model=32, n_layers=2, vocab_size=16, max_len=16)
 
@@ -148,3 +148,184 @@ def test_train_and_evaluate_scores_on_held_out_data():
     model = dl.SequenceModel(SMALL, seed=0)
     dl.train(model, task, dl.TrainConfig(steps=20, lr=3e-3))
     assert acc == dl.evaluate(model, *task.eval_batch(128))["accuracy"]   # the same run
+
+
+# --- float16 loss scaling -------------------------------------------------------------------
+
+
+class _Overflow(torch.nn.Module):
+    """Identity forward; in backward the gradient passes through float16 after being
+    multiplied by 1e6 (first three calls), which overflows once a loss scaler has multiplied
+    it by 2^16: an emulated float16 overflow on any device. ``always`` multiplies by 1e30 at
+    every call, so it overflows even at a scale below 1 (the real gradients are out of
+    float16's range)."""
+
+    def __init__(self, always: bool) -> None:
+        super().__init__()
+        self.always, self.calls = always, 0
+
+    def forward(self, x):
+        self.calls += 1
+        factor = 1e30 if self.always else (1e6 if self.calls <= 3 else None)
+        if x.requires_grad and factor is not None:
+            x.register_hook(lambda g, f=factor: (g * f).half().to(g.dtype))
+        return x
+
+
+def _fp16_model(always: bool):
+    model = dl.SequenceModel(SMALL, seed=0)
+    model.encoder.layers.insert(0, _Overflow(always))
+    return model
+
+
+def test_fp16_overflow_steps_are_skipped_not_reported_as_divergence():
+    """The first three steps overflow float16 under the loss scale: a GradScaler skips them,
+    halves the scale and trains on. Only a non-finite loss or a collapsed scale diverges."""
+    task = dl.SequenceTask("copy", n=4, batch_size=32, seed=0)
+    hist = dl.train(_fp16_model(always=False), task, dl.TrainConfig(steps=40, lr=3e-3,
+                                                                     amp="fp16"))
+    assert hist.status == "ok", hist.message
+    assert hist.skipped == [0, 1, 2]
+    assert hist.steps_run == 40 and hist.final("loss") < 0.8 * hist.loss[0]
+
+
+def test_a_collapsed_fp16_loss_scale_is_a_divergence():
+    task = dl.SequenceTask("copy", n=4, batch_size=32, seed=0)
+    hist = dl.train(_fp16_model(always=True), task, dl.TrainConfig(steps=40, amp="fp16"))
+    assert hist.status == "diverged" and "loss scale" in hist.message
+    assert hist.diverged_at == 16            # 2^16 halved 17 times falls below 1
+
+
+def test_bf16_autocast_really_runs_in_bfloat16_on_cpu():
+    seen = []
+    model = dl.SequenceModel(SMALL)
+    model.head.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    task = dl.SequenceTask("sort", n=4, batch_size=8)
+    hist = dl.train(model, task, dl.TrainConfig(steps=3, amp="bf16"))
+    assert hist.steps_run == 3 and all(math.isfinite(v) for v in hist.loss)
+    assert seen == [torch.bfloat16] * 3
+    seen.clear()
+    dl.train(model, task, dl.TrainConfig(steps=1))                 # the default is float32
+    assert seen == [torch.float32]
+
+
+# --- what the history records, and what reaches the optimiser --------------------------------
+
+
+def test_recorded_gradient_norm_is_the_norm_before_clipping():
+    task = dl.SequenceTask("sort", n=4, batch_size=16, seed=0)
+    model = dl.SequenceModel(SMALL, seed=0)
+    x, y = task.batch(0)
+    loss, _ = dl.training.loss_and_accuracy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    unclipped = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+    assert unclipped > 0.05                                       # so the clip below bites
+    hist = dl.train(model, task, dl.TrainConfig(steps=1, clip_norm=0.01))
+    assert hist.grad_norm[0] == pytest.approx(unclipped, rel=1e-4)
+
+
+def test_warmup_reaches_the_optimizer():
+    """SGD without momentum moves by lr_t · ‖g‖: with 4 warm-up steps the first step is a
+    quarter of the full one. A loop that computed the warm-up but never wrote it into the
+    optimizer's param_groups would take the full step."""
+    task = dl.SequenceTask("sort", n=4, batch_size=16, seed=0)
+    for warmup, fraction in ((4, 0.25), (0, 1.0)):
+        model = dl.SequenceModel(SMALL, seed=0)
+        before = [p.detach().clone() for p in model.parameters()]
+        hist = dl.train(model, task, dl.TrainConfig(steps=1, lr=0.1, optimizer="sgd",
+                                                    momentum=0.0, warmup_steps=warmup))
+        moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum()
+                               for p, b in zip(model.parameters(), before)))
+        assert hist.lr == [0.1 * fraction]
+        assert float(moved) == pytest.approx(0.1 * fraction * hist.grad_norm[0], rel=1e-4)
+
+
+def test_cosine_and_linear_schedules_decay_to_zero_after_warmup():
+    cos = dl.TrainConfig(steps=10, lr=1.0, warmup_steps=2, schedule="cosine")
+    lin = cos.replace(schedule="linear")
+    assert [lr_at(s, cos) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert lr_at(6, cos) == pytest.approx(0.5) and lr_at(6, lin) == pytest.approx(0.5)
+    assert lr_at(9, cos) < 0.05 and lr_at(9, lin) == pytest.approx(1 / 8)
+
+
+def test_reading_metrics_every_few_steps_records_the_same_history():
+    task = dl.SequenceTask("sort", n=4, batch_size=16, seed=0)
+    every_step = dl.train(dl.SequenceModel(SMALL, seed=0), task,
+                          dl.TrainConfig(steps=23, sync_every=1))
+    batched = dl.train(dl.SequenceModel(SMALL, seed=0), task,
+                       dl.TrainConfig(steps=23, sync_every=5))
+    assert every_step.loss == batched.loss and every_step.grad_norm == batched.grad_norm
+    blown = dl.TrainConfig(steps=50, lr=1e4, optimizer="sgd", momentum=0.0)
+    a = dl.train(dl.SequenceModel(SMALL), task, blown.replace(sync_every=1))
+    b = dl.train(dl.SequenceModel(SMALL), task, blown.replace(sync_every=8))
+    assert a.status == b.status == "diverged" and a.diverged_at == b.diverged_at
+    assert a.loss == b.loss                                      # history ends at the bad step
+
+
+# --- bad input is an error, not a divergence ---------------------------------------------
+
+
+class _Batches:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def batch(self, step):
+        return self.fn(step)
+
+
+def test_an_all_ignored_or_empty_batch_is_a_data_error():
+    x = torch.randint(0, 15, (8, 8))
+    ignored = _Batches(lambda s: (x, torch.full((8, 8), dl.IGNORE)))
+    with pytest.raises(dl.DataError, match="IGNORE"):
+        dl.train(dl.SequenceModel(SMALL), ignored, dl.TrainConfig(steps=3))
+    empty = _Batches(lambda s: (x[:0], x[:0]))
+    with pytest.raises(dl.DataError, match="empty"):
+        dl.train(dl.SequenceModel(SMALL), empty, dl.TrainConfig(steps=3))
+
+
+def test_a_run_that_raises_ends_its_callbacks_and_removes_their_hooks():
+    task = dl.SequenceTask("sort", n=4, batch_size=8)
+
+    def flaky(step):
+        if step == 2:
+            raise RuntimeError("the data source broke")
+        return task.batch(step)
+
+    model = dl.SequenceModel(SMALL)
+    watch = dl.LayerGradNorms()
+    with pytest.raises(RuntimeError, match="broke"):
+        dl.train(model, _Batches(flaky), dl.TrainConfig(steps=5), callbacks=[watch])
+    assert len(watch.history) == 2
+    assert all(not layer._forward_hooks for layer in model.layers)
+
+
+def test_a_model_without_parameters_cannot_be_trained():
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        dl.train(torch.nn.Identity(), dl.SequenceTask(n=4), dl.TrainConfig(steps=1))
+
+
+def test_evaluate_gives_clear_errors_for_bad_input_and_works_without_parameters():
+    x, y = dl.SequenceTask(n=4).eval_batch(8)
+    model = dl.SequenceModel(SMALL)
+    with pytest.raises(ValueError, match="at least one example"):
+        dl.evaluate(model, x[:0], y[:0])
+    with pytest.raises(ValueError, match="batch_size"):
+        dl.evaluate(model, x, y, batch_size=0)
+    with pytest.raises(ValueError, match="no labelled target"):
+        dl.evaluate(model, x, torch.full_like(y, dl.IGNORE))
+    logits = torch.nn.functional.one_hot(y.clamp(min=0), 16).float()
+    out = dl.evaluate(torch.nn.Identity(), logits, y)           # a parameterless "model"
+    assert out["accuracy"] == 1.0
+
+
+def test_train_and_evaluate_needs_held_out_data_it_can_find():
+    from depthlab.data import TensorData
+
+    x, y = dl.Digits().train
+    data = TensorData(x, y, batch_size=32, seed=0)
+    model = dl.DeepMLP(dl.MLPConfig(depth=2))
+    with pytest.raises(TypeError, match="held_out"):
+        dl.train_and_evaluate(model, data, dl.TrainConfig(steps=2))
+    _, acc = dl.train_and_evaluate(model, data, dl.TrainConfig(steps=2),
+                                   held_out=dl.Digits().test)
+    assert 0.0 <= acc <= 1.0

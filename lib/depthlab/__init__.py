@@ -1,44 +1,62 @@
 """depthlab: the small PyTorch library behind the book "Deep & Stable".
 
-Modules, each introduced in chapter 0 ("Setup and a tour of depthlab"):
+Modules, by concept (each introduced in chapter 0, "Setup and a tour of depthlab"):
 
-- ``config``      frozen, validated dataclasses: TransformerConfig, MLPConfig, TrainConfig
-- ``models``      norms, the transformer Block / Encoder / SequenceModel, DeepMLP, init_weights
-- ``data``        seeded synthetic sequence tasks and scikit-learn's digits
-- ``train``       the one training loop, with warm-up, clipping, autocast and divergence reports
-- ``diagnostics`` per-layer gradients, activations, updates and token similarity of any module
-- ``plots``       the book's figure style and plot helpers
-- ``claims``      checked claims with visible verdicts and a JSON ledger
-- ``explore``     interactive widgets that leave a static figure on the website
-- ``reference``   layers written as tutorials write them, to compare against (chapter 2)
+- ``seeding``    the one source of random seeds (shifted by ``DEPTHLAB_SEED_OFFSET``)
+- ``config``     frozen, validated dataclasses: TransformerConfig, MLPConfig, TrainConfig
+- ``models``     norms, the transformer Block / Encoder / SequenceModel, DeepMLP, init_weights
+- ``interop``    loading PyTorch's ``nn.TransformerEncoderLayer`` into a Block, parity checks
+- ``data``       seeded synthetic sequence tasks, scikit-learn's digits, covariate shift
+- ``training``   the one training loop (``dl.train``), with warm-up, clipping, autocast
+- ``hooks``      per-layer gradients, activations and rank collapse of any module
+- ``probes``     probes of depthlab's models against theory (attention, Jacobians)
+- ``callbacks``  measurements during training (update ratios, input drift, smoothness)
+- ``remedies``   reduced precision and ``diagnose``
+- ``timing``     interleaved timing for ratios
+- ``plots``      the book's figure style and plot helpers
+- ``claims``     checked claims with visible verdicts and a JSON ledger
+- ``explore``    interactive widgets that leave a static figure on the website
+- ``reference``  layers written as tutorials write them, to compare against
+
+``diagnostics`` is the deprecated 0.1 module that held hooks, probes, callbacks, remedies and
+timing in one file; it re-exports their names until 0.3.
 """
 
-# Modules by name (``dl.plots.figure``); ``dl.train`` is the training function, not the module.
-from . import claims, config, data, diagnostics, explore, models, plots, reference
+from . import (
+    callbacks,
+    claims,
+    config,
+    data,
+    diagnostics,
+    explore,
+    hooks,
+    interop,
+    models,
+    plots,
+    probes,
+    reference,
+    remedies,
+    seeding,
+    timing,
+    training,
+)
+from .callbacks import LayerGradNorms, UpdateRatio
 from .claims import ClaimBook, above, below, between
 from .config import ConfigError, MLPConfig, TrainConfig, TransformerConfig
 from .data import IGNORE, Digits, SequenceTask
-from .diagnostics import (
-    LayerGradNorms,
+from .hooks import (
     LayerProfile,
-    UpdateRatio,
     find_layers,
     gradient_profile,
     record,
     token_similarity,
 )
-from .models import (
-    Block,
-    DeepMLP,
-    Encoder,
-    SequenceModel,
-    config_from_torch_layer,
-    init_weights,
-    load_torch_encoder_layer,
-    torch_parity,
-)
-from .train import (
+from .interop import config_from_torch_layer, load_torch_encoder_layer, torch_parity
+from .models import Block, DeepMLP, Encoder, SequenceModel, init_weights
+from .seeding import seeds
+from .training import (
     Callback,
+    DataError,
     History,
     evaluate,
     pick_device,
@@ -47,19 +65,23 @@ from .train import (
     train_and_evaluate,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
-    "claims", "config", "data", "diagnostics", "explore", "models", "plots", "reference",
-    "Block", "Callback", "ClaimBook", "ConfigError", "DeepMLP", "Digits", "Encoder", "History",
-    "IGNORE", "LayerGradNorms", "LayerProfile", "MLPConfig", "SequenceModel", "SequenceTask",
-    "TrainConfig", "TransformerConfig", "UpdateRatio", "above", "below", "between",
-    "config_from_torch_layer", "evaluate", "find_layers", "gradient_profile", "init_weights",
-    "load_torch_encoder_layer", "pick_device", "recalibrate_batchnorm", "record",
-    "token_similarity", "torch_parity", "train", "train_and_evaluate",
-    "__version__",
+    "callbacks", "claims", "config", "data", "diagnostics", "explore", "hooks", "interop",
+    "models", "plots", "probes", "reference", "remedies", "seeding", "timing", "training",
+    "Block", "Callback", "ClaimBook", "ConfigError", "DataError", "DeepMLP", "Digits",
+    "Encoder", "History", "IGNORE", "LayerGradNorms", "LayerProfile", "MLPConfig",
+    "SequenceModel", "SequenceTask", "TrainConfig", "TransformerConfig", "UpdateRatio", "above",
+    "below", "between", "config_from_torch_layer", "evaluate", "find_layers",
+    "gradient_profile", "init_weights", "load_torch_encoder_layer", "pick_device",
+    "recalibrate_batchnorm", "record", "token_similarity", "torch_parity", "train",
+    "seeds", "train_and_evaluate", "__version__",
 ]
 
+# The modules the tour's API table lists, in reading order (diagnostics is only re-exports).
+API_MODULES = ("seeding", "config", "models", "interop", "data", "training", "hooks", "probes",
+               "callbacks", "remedies", "timing", "plots", "claims", "explore", "reference")
 
 
 def api_table() -> str:
@@ -68,14 +90,12 @@ def api_table() -> str:
     Lists every public class and function defined in each module, generated from the code so
     that the tour chapter's reference can never fall behind it.
     """
+    import importlib
     import inspect
 
     rows = ["| module | name | what it is |", "|---|---|---|"]
-    import importlib
-
-    train_mod = importlib.import_module(__name__ + ".train")  # dl.train is the function
-    for mod in (config, models, data, train_mod, diagnostics, plots, claims, explore,
-                reference):
+    for module_name in API_MODULES:
+        mod = importlib.import_module(f"{__name__}.{module_name}")  # dl.train is the function
         short = mod.__name__.replace("depthlab.", "")
         for name, obj in vars(mod).items():
             if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:

@@ -9,6 +9,7 @@ Introduced in chapter 0 ("Setup and a tour of depthlab").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -18,6 +19,7 @@ ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "identity")
 INIT_SCHEMES = ("torch", "xavier", "kaiming", "normal", "gpt2")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 class ConfigError(ValueError):
@@ -42,14 +44,55 @@ def _positive_int(obj: Any, name: str, minimum: int = 1) -> None:
 
 def _number(obj: Any, name: str, low: float, high: float = float("inf"),
             low_open: bool = False) -> None:
+    """A finite real number in [low, high] (or (low, high]): inf and NaN are never settings."""
     value = getattr(obj, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:
         bracket = "(" if low_open else "["
+        closing = ")" if math.isinf(high) else "]"
         raise ConfigError(
-            f"{type(obj).__name__}.{name}={value!r} must be a number in {bracket}{low}, {high}]"
+            f"{type(obj).__name__}.{name}={value!r} must be a finite number in "
+            f"{bracket}{low}, {high}{closing}"
         )
+
+
+def _boolean(obj: Any, name: str, allow_none: bool = False) -> None:
+    """True or False (``"no"`` is a non-empty string, hence truthy: refuse it)."""
+    value = getattr(obj, name)
+    if isinstance(value, bool) or (allow_none and value is None):
+        return
+    allowed = "True, False or None" if allow_none else "True or False"
+    raise ConfigError(f"{type(obj).__name__}.{name}={value!r} must be {allowed}")
+
+
+def check_device(owner: str, value: Any) -> None:
+    """``"auto"`` or a torch device string that parses and exists on this machine."""
+    import torch
+
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{owner}={value!r} must be 'auto' or a device such as 'cpu', "
+                          "'cuda', 'cuda:1' or 'mps'")
+    if value == "auto":
+        return
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{owner}={value!r} is not a torch device; use 'auto', 'cpu', "
+                          "'cuda', 'cuda:N' or 'mps'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{owner}={value!r}, but CUDA is not available on this machine "
+                              "(use device='auto' to run wherever the code lands)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{owner}={value!r}, but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"{owner}={value!r}, but MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise ConfigError(f"{owner}={value!r}: depthlab runs on 'cpu', 'cuda' or 'mps'")
 
 
 class _Config:
@@ -94,6 +137,7 @@ class TransformerConfig(_Config):
     init_gain: float = 1.0     # multiplies every weight matrix after initialisation
     norm_eps: float = 1e-5     # epsilon of the norm layers (PyTorch's default)
     dropout: float = 0.0       # dropout inside the blocks; 0 in every experiment of the book
+    bias: bool = True          # biases in every Linear (PyTorch's encoder layer: bias=True)
     vocab_size: int = 16       # tokens; used by SequenceModel only
     max_len: int = 64          # longest sequence for learned positions; SequenceModel only
 
@@ -114,11 +158,13 @@ class TransformerConfig(_Config):
             _number(self, name, 0.0)
         _number(self, "norm_eps", 0.0, low_open=True)
         _number(self, "dropout", 0.0, 1.0)
-        if not isinstance(self.residual, bool):
-            raise ConfigError(f"TransformerConfig.residual={self.residual!r} must be a bool")
-        if self.final_norm is not None and not isinstance(self.final_norm, bool):
+        for name in ("residual", "causal", "bias"):
+            _boolean(self, name)
+        _boolean(self, "final_norm", allow_none=True)
+        if self.d_mlp < 1:
             raise ConfigError(
-                f"TransformerConfig.final_norm={self.final_norm!r} must be True, False or None"
+                f"TransformerConfig.mlp_ratio={self.mlp_ratio!r} gives an MLP of width "
+                f"round({self.mlp_ratio} * {self.d_model}) = {self.d_mlp}; it must be >= 1"
             )
         if (self.norm_placement == "none") != (self.norm_kind == "none"):
             raise ConfigError(
@@ -174,8 +220,8 @@ class MLPConfig(_Config):
         if self.norm_noise > 0 and self.norm_kind != "batch":
             raise ConfigError(f"MLPConfig.norm_noise={self.norm_noise!r} needs "
                               f"norm_kind='batch', got norm_kind={self.norm_kind!r}")
-        if not isinstance(self.residual, bool):
-            raise ConfigError(f"MLPConfig.residual={self.residual!r} must be a bool")
+        _boolean(self, "residual")
+        _boolean(self, "bias")
 
 
 @dataclass(frozen=True)
@@ -186,32 +232,45 @@ class TrainConfig(_Config):
     lr: float = 1e-3            # peak learning rate
     optimizer: str = "adam"     # "adam", "adamw" or "sgd"
     betas: tuple[float, float] = (0.9, 0.98)  # Adam betas of Vaswani et al. (2017)
+    eps: float = 1e-8           # Adam's epsilon (PyTorch's default)
     momentum: float = 0.9       # SGD only
     weight_decay: float = 0.0
     warmup_steps: int = 0       # linear warm-up from lr/warmup_steps to lr; 0 = none
+    schedule: str = "constant"  # after warm-up: "constant", "cosine" (to 0) or "linear" (to 0)
     clip_norm: float | None = None  # clip the global gradient norm to this value; None = off
-    amp: str = "auto"           # "auto" = bf16 on CUDA, off elsewhere; "off", "bf16", "fp16"
+    amp: str = "off"            # float32 by default; "bf16", "fp16", or "auto" (bf16 on CUDA)
     device: str = "auto"        # "auto" = cuda, then mps, then cpu; or a torch device string
-    seed: int = 0               # seeds data order, dropout and everything the loop draws
+    seed: int | None = None     # data order, dropout, ...; None = depthlab.seeding.default_seed()
     progress: bool | None = None  # tqdm bar; None = only in an interactive session
+    sync_every: int | None = None  # read metrics from the device every N steps; None = 1 on
+    #                              CPU (free there), 16 on accelerators (as nanoGPT logs)
     plateau_window: int = 20    # steps averaged at the start and end to detect a plateau
     plateau_tol: float = 0.05   # relative loss drop below which a run counts as stalled
 
     def __post_init__(self) -> None:
+        from .seeding import default_seed
+
         _positive_int(self, "steps")
         _number(self, "lr", 0.0, low_open=True)
         _choice(self, "optimizer", OPTIMIZERS)
         if (not isinstance(self.betas, tuple) or len(self.betas) != 2
-                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                           and 0 <= b < 1 for b in self.betas)):
             raise ConfigError(f"TrainConfig.betas={self.betas!r} must be two numbers in [0, 1)")
+        _number(self, "eps", 0.0)
         _number(self, "momentum", 0.0, 1.0)
         _number(self, "weight_decay", 0.0)
         _positive_int(self, "warmup_steps", minimum=0)
+        _choice(self, "schedule", SCHEDULES)
         if self.clip_norm is not None:
             _number(self, "clip_norm", 0.0, low_open=True)
         _choice(self, "amp", AMP_MODES)
-        if not isinstance(self.device, str) or not self.device:
-            raise ConfigError(f"TrainConfig.device={self.device!r} must be 'auto' or a device")
+        check_device("TrainConfig.device", self.device)
+        if self.seed is None:
+            object.__setattr__(self, "seed", default_seed())
         _positive_int(self, "seed", minimum=0)
+        _boolean(self, "progress", allow_none=True)
+        if self.sync_every is not None:
+            _positive_int(self, "sync_every")
         _positive_int(self, "plateau_window")
         _number(self, "plateau_tol", 0.0, 1.0)

@@ -18,6 +18,13 @@ IGNORE = -100  # target value that the loss and accuracy skip (PyTorch's ignore_
 TASKS = ("sort", "reverse", "copy")
 
 
+def _default_seed(obj) -> None:
+    """Fill a frozen data source's ``seed=None`` from depthlab's one seed source."""
+    if obj.seed is None:
+        from .seeding import default_seed
+        object.__setattr__(obj, "seed", default_seed())
+
+
 @dataclass(frozen=True)
 class SequenceTask:
     """``x1..xn SEP y1..yn`` with y = sorted(x), reversed(x) or x, for a causal model.
@@ -33,16 +40,17 @@ class SequenceTask:
     n: int = 6                 # sequence length to transform
     vocab: int = 16            # vocabulary including the separator token
     batch_size: int = 32
-    seed: int = 0
+    seed: int | None = None    # None = depthlab.seeding.default_seed()
 
     def __post_init__(self) -> None:
         from .config import ConfigError
+        _default_seed(self)
         if self.kind not in TASKS:
             raise ConfigError(f"SequenceTask.kind={self.kind!r} is not allowed; choose one of "
                               f"{TASKS}")
-        for name, low in (("n", 1), ("vocab", 3), ("batch_size", 1)):
+        for name, low in (("n", 1), ("vocab", 3), ("batch_size", 1), ("seed", 0)):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < low:
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"SequenceTask.{name}={v!r} must be an integer >= {low}")
 
     @property
@@ -92,7 +100,7 @@ class Digits:
     """
 
     batch_size: int = 64
-    seed: int = 0
+    seed: int | None = None    # shuffling order; None = depthlab.seeding.default_seed()
     _arrays: dict = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -100,7 +108,9 @@ class Digits:
         from sklearn.model_selection import train_test_split
 
         from .config import ConfigError
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        _default_seed(self)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
+                or self.batch_size < 1:
             raise ConfigError(f"Digits.batch_size={self.batch_size!r} must be an integer >= 1")
         X, y = load_digits(return_X_y=True)
         Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
@@ -221,11 +231,12 @@ class TensorData:
     inputs: Tensor
     targets: Tensor
     batch_size: int = 64
-    seed: int = 0
+    seed: int | None = None    # None = depthlab.seeding.default_seed()
     weights: Tensor | None = None
 
     def __post_init__(self) -> None:
         from .config import ConfigError
+        _default_seed(self)
         if len(self.inputs) != len(self.targets):
             raise ConfigError(f"TensorData: {len(self.inputs)} inputs but "
                               f"{len(self.targets)} targets")

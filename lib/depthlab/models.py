@@ -5,8 +5,8 @@ Shape vocabulary used everywhere in depthlab:
 
 Norm placement is always an explicit config field. PyTorch's ``nn.TransformerEncoderLayer``
 defaults to Post-LN (``norm_first=False``); ``norm_placement="post"`` is that default and
-``norm_placement="pre"`` is ``norm_first=True``. ``load_torch_encoder_layer`` copies PyTorch's
-weights into a ``Block`` so the two can be compared number for number (chapter 0).
+``norm_placement="pre"`` is ``norm_first=True``. ``interop.load_torch_encoder_layer`` copies
+PyTorch's weights into a ``Block`` so the two can be compared number for number (chapter 0).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .config import MLPConfig, TransformerConfig
+from .seeding import default_seed
 
 # --------------------------------------------------------------------------------------------
 # Normalisation. Each norm is written out in a pure function (the formula the book teaches)
@@ -163,58 +164,74 @@ def make_activation(name: str) -> nn.Module:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
+    """Multi-head self-attention. x: (B, T, D) -> (B, T, D).
 
     ``qkv`` holds the query, key and value projections stacked in that order, the same layout
-    as ``nn.MultiheadAttention.in_proj_weight``. x: (B, T, D) -> (B, T, D).
+    as ``nn.MultiheadAttention.in_proj_weight``. By default the attention runs through PyTorch's
+    fused ``F.scaled_dot_product_attention``; ``fused = False`` switches to the written-out
+    softmax(QKᵀ/√Dh)·V of ``attention_weights``, the same function to float round-off, which
+    ``torch.func.vmap`` can batch (seed ensembles set it; chapter 0).
     """
 
-    def __init__(self, d_model: int, n_heads: int, causal: bool, dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int, n_heads: int, causal: bool, dropout: float = 0.0,
+                 bias: bool = True) -> None:
         super().__init__()
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.proj.is_residual_out = True                       # scaled by 1/sqrt(2L) in gpt2 init
         self.n_heads, self.causal, self.dropout = n_heads, causal, dropout
+        self.fused = True
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, D = x.shape
         H = self.n_heads
         q, k, v = self.qkv(x).split(D, dim=-1)                 # 3 x (B, T, D)
         q = q.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
         k = k.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
         v = v.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
-        )                                                      # (B, H, T, Dh)
-        y = y.transpose(1, 2).reshape(B, T, D)                 # (B, T, D)
+        return q, k, v
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self._heads(x)
+        if self.fused:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=self.causal,
+                dropout_p=self.dropout if self.training else 0.0)   # (B, H, T, Dh)
+        else:
+            a = self._softmax(q, k)                                 # (B, H, T, T)
+            if self.training and self.dropout > 0:
+                a = F.dropout(a, self.dropout)
+            y = a @ v                                               # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(B, T, D)                      # (B, T, D)
         return self.proj(y)
+
+    def _softmax(self, q: Tensor, k: Tensor) -> Tensor:
+        T = q.shape[-2]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+        if self.causal:
+            future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return scores.softmax(dim=-1)
 
     def attention_weights(self, x: Tensor) -> Tensor:
         """The softmax attention matrix, written out: x (B, T, D) -> A (B, H, T, T).
 
-        ``forward`` never forms A (the fused kernel does not); this is for inspection
-        (chapter 1) and matches what the kernel computes.
+        The fused kernel never forms A; this is for inspection (chapter 1) and matches what
+        the kernel computes.
         """
-        B, T, D = x.shape
-        H = self.n_heads
-        q, k, _ = self.qkv(x).split(D, dim=-1)
-        q = q.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
-        k = k.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(D // H)   # (B, H, T, T)
-        if self.causal:
-            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-            scores = scores.masked_fill(future, float("-inf"))
-        return scores.softmax(dim=-1)
+        q, k, _ = self._heads(x)
+        return self._softmax(q, k)
 
 
 class MLP(nn.Module):
     """Position-wise feed-forward network: D -> mlp_ratio·D -> D. x: (B, T, D) -> (B, T, D)."""
 
-    def __init__(self, d_model: int, d_hidden: int, activation: str) -> None:
+    def __init__(self, d_model: int, d_hidden: int, activation: str, bias: bool = True) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(d_model, d_hidden)
+        self.fc1 = nn.Linear(d_model, d_hidden, bias=bias)
         self.act = make_activation(activation)
-        self.fc2 = nn.Linear(d_hidden, d_model)
+        self.fc2 = nn.Linear(d_hidden, d_model, bias=bias)
         self.fc2.is_residual_out = True
 
     def forward(self, x: Tensor) -> Tensor:
@@ -241,9 +258,9 @@ class Block(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.norm1 = make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps)
-        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.causal, cfg.dropout)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.causal, cfg.dropout, cfg.bias)
         self.norm2 = make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.activation)
+        self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.activation, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def _attn_block(self, x: Tensor) -> Tensor:
@@ -282,9 +299,10 @@ class Encoder(nn.Module):
     x: (B, T, D) -> (B, T, D). ``self.layers`` is the list diagnostics probe by default.
     """
 
-    def __init__(self, cfg: TransformerConfig, seed: int = 0) -> None:
+    def __init__(self, cfg: TransformerConfig, seed: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        seed = default_seed() if seed is None else seed
         with torch.random.fork_rng(devices=[]):                # leave the caller's RNG alone
             # Each block is constructed on its own (never a deepcopy of one layer, which is how
             # nn.TransformerEncoder starts every layer identical), then re-initialised from seed.
@@ -296,6 +314,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         recompute = self.checkpoint and torch.is_grad_enabled()
+        if recompute and self.training and self.cfg.norm_kind == "batch":
+            raise ValueError(_CHECKPOINT_BATCHNORM)
         for block in self.layers:
             if recompute:
                 # Keep only each block's input for backward and run the block again there:
@@ -304,6 +324,12 @@ class Encoder(nn.Module):
             else:
                 x = block(x)
         return self.final_norm(x)
+
+
+_CHECKPOINT_BATCHNORM = (
+    "gradient checkpointing runs every block's forward pass twice (once more in backward), so "
+    "a BatchNorm in training mode would update its running statistics twice per step; depthlab "
+    "refuses the combination: use norm_kind='layer' or 'rms', or train without checkpointing")
 
 
 @contextlib.contextmanager
@@ -316,6 +342,8 @@ def gradient_checkpointing(model: nn.Module) -> Iterator[nn.Module]:
     encoders = [m for m in model.modules() if isinstance(m, Encoder)]
     if not encoders:
         raise ValueError(f"{type(model).__name__} has no depthlab Encoder to checkpoint")
+    if any(e.cfg.norm_kind == "batch" for e in encoders):
+        raise ValueError(_CHECKPOINT_BATCHNORM)
     before = [e.checkpoint for e in encoders]
     for e in encoders:
         e.checkpoint = True
@@ -332,14 +360,15 @@ class SequenceModel(nn.Module):
     idx: (B, T) integer tokens -> logits (B, T, V).
     """
 
-    def __init__(self, cfg: TransformerConfig, seed: int = 0) -> None:
+    def __init__(self, cfg: TransformerConfig, seed: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        seed = default_seed() if seed is None else seed
         with torch.random.fork_rng(devices=[]):
             self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
             self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
             self.encoder = Encoder(cfg, seed=seed)
-            self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
+            self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.bias)
         init_weights(self, cfg.init, n_layers=cfg.n_layers, gain=cfg.init_gain, seed=seed)
 
     @property
@@ -352,7 +381,13 @@ class SequenceModel(nn.Module):
             raise ValueError(f"sequence length {T} exceeds TransformerConfig.max_len="
                              f"{self.cfg.max_len}")
         pos = torch.arange(T, device=idx.device)               # (T,)
-        x = self.tok_emb(idx) + self.pos_emb(pos)              # (B, T, D)
+        try:
+            tokens = self.tok_emb(idx)                         # (B, T, D)
+        except IndexError:                                     # say which setting is wrong
+            raise ValueError(f"token ids must lie in [0, TransformerConfig.vocab_size="
+                             f"{self.cfg.vocab_size}); got ids from {int(idx.min())} to "
+                             f"{int(idx.max())}") from None
+        x = tokens + self.pos_emb(pos)                         # (B, T, D)
         return self.head(self.encoder(x))                      # (B, T, V)
 
 
@@ -386,9 +421,10 @@ class DeepMLP(nn.Module):
     x: (B, d_in) -> logits (B, d_out). ``self.layers`` holds the hidden layers in order.
     """
 
-    def __init__(self, cfg: MLPConfig, seed: int = 0) -> None:
+    def __init__(self, cfg: MLPConfig, seed: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        seed = default_seed() if seed is None else seed
         with torch.random.fork_rng(devices=[]):
             dims = [cfg.d_in] + [cfg.width] * cfg.depth
             self.layers = nn.ModuleList(
@@ -473,85 +509,6 @@ def _fill(param: Tensor, sample) -> None:
     param.copy_(sample(torch.empty(param.shape, dtype=torch.float32)))
 
 
-# --------------------------------------------------------------------------------------------
-# PyTorch interop
-# --------------------------------------------------------------------------------------------
-
-
-def config_from_torch_layer(layer: nn.TransformerEncoderLayer, **overrides) -> TransformerConfig:
-    """The ``TransformerConfig`` of a single-layer stack equivalent to a PyTorch encoder layer."""
-    act = layer.activation
-    name = {F.relu: "relu", F.gelu: "gelu"}.get(act) if callable(act) else None
-    if isinstance(act, nn.Module):
-        name = {nn.ReLU: "relu", nn.GELU: "gelu"}.get(type(act))
-    if name is None:
-        raise ValueError(f"unsupported activation {act!r}: depthlab mirrors relu and gelu")
-    fields = dict(
-        d_model=layer.linear1.in_features,
-        n_heads=layer.self_attn.num_heads,
-        n_layers=1,
-        mlp_ratio=layer.linear1.out_features / layer.linear1.in_features,
-        norm_placement="pre" if layer.norm_first else "post",
-        norm_kind="layer",
-        final_norm=False,
-        causal=False,
-        activation=name,
-        norm_eps=layer.norm1.eps,
-    )
-    fields.update(overrides)
-    return TransformerConfig(**fields)
-
-
-@torch.no_grad()
-def load_torch_encoder_layer(block: Block, layer: nn.TransformerEncoderLayer) -> Block:
-    """Copy the weights of ``nn.TransformerEncoderLayer`` into a depthlab ``Block``.
-
-    Requires ``batch_first=True`` on the PyTorch layer and a LayerNorm block of the same width,
-    heads and placement. After loading, both compute the same function (chapter 0 test).
-    """
-    if not layer.self_attn.batch_first:
-        raise ValueError("load_torch_encoder_layer expects batch_first=True")
-    want = "pre" if layer.norm_first else "post"
-    if block.cfg.norm_placement != want or block.cfg.norm_kind != "layer":
-        raise ValueError(f"the PyTorch layer is {want}-LN with LayerNorm; the block has "
-                         f"norm_placement={block.cfg.norm_placement!r}, "
-                         f"norm_kind={block.cfg.norm_kind!r}")
-    mha = layer.self_attn
-    block.attn.qkv.weight.copy_(mha.in_proj_weight)           # (3D, D): q, k, v stacked
-    block.attn.qkv.bias.copy_(mha.in_proj_bias)
-    block.attn.proj.weight.copy_(mha.out_proj.weight)
-    block.attn.proj.bias.copy_(mha.out_proj.bias)
-    block.mlp.fc1.weight.copy_(layer.linear1.weight)
-    block.mlp.fc1.bias.copy_(layer.linear1.bias)
-    block.mlp.fc2.weight.copy_(layer.linear2.weight)
-    block.mlp.fc2.bias.copy_(layer.linear2.bias)
-    for ours, theirs in ((block.norm1, layer.norm1), (block.norm2, layer.norm2)):
-        ours.weight.copy_(theirs.weight)
-        ours.bias.copy_(theirs.bias)
-        ours.eps = theirs.eps
-    return block
-
-
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def torch_parity(layer: nn.TransformerEncoderLayer, x: Tensor) -> dict[str, float]:
-    """Max abs differences between a PyTorch encoder layer and a depthlab ``Block`` loaded with
-    its weights, on input x: (B, T, D). Keys: "output" and "input_grad" (of sum of squares).
-
-    Compares in the layer's training mode with its dropout at 0; this is the check behind
-    "our block is PyTorch's block" in chapter 0.
-    """
-    block = load_torch_encoder_layer(Block(config_from_torch_layer(layer)), layer)
-    block.to(x.device)
-    x_theirs = x.detach().clone().requires_grad_(True)
-    x_ours = x.detach().clone().requires_grad_(True)
-    y_theirs, y_ours = layer(x_theirs), block(x_ours)
-    y_theirs.pow(2).sum().backward()
-    y_ours.pow(2).sum().backward()
-    return {
-        "output": (y_theirs - y_ours).abs().max().item(),
-        "input_grad": (x_theirs.grad - x_ours.grad).abs().max().item(),
-    }

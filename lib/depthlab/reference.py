@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TransformerConfig
+from .interop import check_same_block, copy_encoder_weights
 from .models import Block
 
 
@@ -44,22 +45,17 @@ class TutorialEncoderLayer(nn.Module):
             norm_eps=self.norm1.eps, dropout=self.dropout.p)
 
 
-@torch.no_grad()
 def load_tutorial_layer(block: Block, layer: TutorialEncoderLayer) -> Block:
-    """Copy a ``TutorialEncoderLayer``'s weights into a Post-LN depthlab ``Block``."""
+    """Copy a ``TutorialEncoderLayer``'s weights into a Post-LN depthlab ``Block``.
+
+    The block must compute the same function (checked field by field, as for PyTorch's layer).
+    """
+    check_same_block(block, layer.depthlab_config(), "the tutorial layer")
     mha = layer.attention
-    block.attn.qkv.weight.copy_(mha.in_proj_weight)
-    block.attn.qkv.bias.copy_(mha.in_proj_bias)
-    block.attn.proj.weight.copy_(mha.out_proj.weight)
-    block.attn.proj.bias.copy_(mha.out_proj.bias)
-    block.mlp.fc1.weight.copy_(layer.feed_forward[0].weight)
-    block.mlp.fc1.bias.copy_(layer.feed_forward[0].bias)
-    block.mlp.fc2.weight.copy_(layer.feed_forward[2].weight)
-    block.mlp.fc2.bias.copy_(layer.feed_forward[2].bias)
-    for ours, theirs in ((block.norm1, layer.norm1), (block.norm2, layer.norm2)):
-        ours.weight.copy_(theirs.weight)
-        ours.bias.copy_(theirs.bias)
-    return block
+    return copy_encoder_weights(block, in_proj_weight=mha.in_proj_weight,
+                                in_proj_bias=mha.in_proj_bias, out_proj=mha.out_proj,
+                                linear1=layer.feed_forward[0], linear2=layer.feed_forward[2],
+                                norm1=layer.norm1, norm2=layer.norm2)
 
 
 def tutorial_parity(layer: TutorialEncoderLayer, x: Tensor) -> float:
@@ -67,7 +63,7 @@ def tutorial_parity(layer: TutorialEncoderLayer, x: Tensor) -> float:
 
     Both are compared in eval mode (dropout off). x: (B, T, D).
     """
-    block = load_tutorial_layer(Block(layer.depthlab_config()), layer)
+    block = load_tutorial_layer(Block(layer.depthlab_config()), layer).to(x.device)
     was_training = layer.training
     layer.eval()
     block.eval()
@@ -90,12 +86,14 @@ def norm_parity(x: Tensor, eps: float = 1e-5) -> dict[str, float]:
     from . import models
 
     d = x.shape[-1]
-    ones, zeros = torch.ones(d), torch.zeros(d)
+    kw = {"device": x.device, "dtype": x.dtype}               # compare where x lives
+    ones, zeros = torch.ones(d, **kw), torch.zeros(d, **kw)
     with torch.no_grad():
         pairs = {
-            "LayerNorm": (models.layer_norm(x, ones, zeros, eps), nn.LayerNorm(d, eps=eps)(x)),
-            "RMSNorm": (models.rms_norm(x, ones, eps), nn.RMSNorm(d, eps=eps)(x)),
+            "LayerNorm": (models.layer_norm(x, ones, zeros, eps),
+                          nn.LayerNorm(d, eps=eps, **kw)(x)),
+            "RMSNorm": (models.rms_norm(x, ones, eps), nn.RMSNorm(d, eps=eps, **kw)(x)),
             "BatchNorm": (models.batch_norm(x, ones, zeros, eps),
-                          nn.BatchNorm1d(d, eps=eps)(x.transpose(1, 2)).transpose(1, 2)),
+                          nn.BatchNorm1d(d, eps=eps, **kw)(x.transpose(1, 2)).transpose(1, 2)),
         }
     return {name: (ours - theirs).abs().max().item() for name, (ours, theirs) in pairs.items()}

@@ -1,0 +1,252 @@
+"""Measurements taken during training, as ``Callback`` objects for ``depthlab.train``.
+
+Per-layer update sizes and gradient norms at every step, and the probes of chapter 4: how each
+layer's input distribution drifts (Ioffe & Szegedy's internal covariate shift), how much a
+layer's gradient changes when the layers before it move (Santurkar et al.'s gradient ICS), and
+how smooth the loss is along the gradient. Each probe measures on a fixed batch inside
+``hooks.probing``, so a watched run is bit for bit the run it would have been unwatched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .hooks import Recorder, find_layers, probing, record, run_once
+from .training import Callback, device_of, loss_and_accuracy
+
+
+class UpdateRatio(Callback):
+    """Log10 of ‖ΔW‖ / ‖W‖ per layer and step, over the weight matrices of each layer.
+
+    A common rule of thumb (Karpathy) puts healthy values near -3: much lower and a layer
+    barely learns, much higher and it is being overwritten. Results: ``self.log10`` is a list
+    of per-step arrays (L,), also returned to the loop as ``update/<l>`` extras.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module] | None = None, every: int = 1) -> None:
+        self._layers = list(layers) if layers is not None else None
+        self.every = every
+        self.steps: list[int] = []
+        self.log10: list[np.ndarray] = []
+        self._before: list[list[Tensor]] = []
+
+    def _weights(self, model: nn.Module) -> list[list[Tensor]]:
+        layers = self._layers if self._layers is not None else find_layers(model)
+        return [[p for p in layer.parameters() if p.dim() >= 2] for layer in layers]
+
+    def before_step(self, step: int, model: nn.Module) -> None:
+        if step % self.every == 0:
+            self._before = [[w.detach().clone() for w in ws] for ws in self._weights(model)]
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        if step % self.every:
+            return None
+        ratios = []
+        for ws, olds in zip(self._weights(model), self._before):
+            du = sum(float((w.detach() - o).double().pow(2).sum()) for w, o in zip(ws, olds))
+            ww = sum(float(o.double().pow(2).sum()) for o in olds)
+            ratios.append(0.5 * math.log10(du / ww) if du > 0 and ww > 0 else -math.inf)
+        self.steps.append(step)
+        self.log10.append(np.array(ratios))
+        return {f"update/{i}": r for i, r in enumerate(ratios)}
+
+    def as_array(self) -> np.ndarray:
+        """(steps, L) array of log10 update-to-weight ratios."""
+        return np.stack(self.log10) if self.log10 else np.zeros((0, 0))
+
+
+class LayerGradNorms(Callback):
+    """Records the per-layer activation-gradient norms at every step of a training run.
+
+    ``self.history`` is a list of (L,) arrays. Cheap enough to leave on (see benchmarks/).
+    """
+
+    def __init__(self, layers: Sequence[nn.Module] | None = None) -> None:
+        self._layers = layers
+        self._ctx = None
+        self._rec: Recorder | None = None
+        self.history: list[np.ndarray] = []
+
+    def on_train_start(self, model: nn.Module) -> None:
+        self._ctx = record(model, self._layers, similarity=False)
+        self._rec = self._ctx.__enter__()
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        rec = self._rec
+        assert rec is not None
+        self.history.append(np.array([float(g[-1]) if g else math.nan for g in rec.act_grad]))
+        for rows in (rec.act_grad, rec.act_mean, rec.act_std):
+            for r in rows:
+                r.clear()
+        return None
+
+    def on_train_end(self, model: nn.Module) -> None:
+        """Remove the hooks when training ends."""
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+
+
+def _loss_grads(model: nn.Module, params: Sequence[Tensor], inputs: Tensor, targets: Tensor,
+                seed: int) -> tuple[float, list[Tensor]]:
+    """Loss on (inputs, targets) and its gradient with respect to ``params``, inside probing."""
+    with probing(model, seed):
+        loss, _ = loss_and_accuracy(model(inputs), targets)
+        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    return loss.item(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@contextlib.contextmanager
+def _stepped(pairs: Sequence[tuple[Tensor, Tensor]], lr: float) -> Iterator[None]:
+    """Temporarily move each parameter p to p − lr·g; restore the exact old values on exit."""
+    saved = [p.detach().clone() for p, _ in pairs]
+    with torch.no_grad():
+        for p, g in pairs:
+            p.sub_(lr * g)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (p, _), old in zip(pairs, saved):
+                p.copy_(old)
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors])
+
+
+class InputDrift(Callback):
+    """How the distribution of each layer's input moves during training (Ioffe & Szegedy).
+
+    Every ``every`` steps, the probe inputs go through the model and each layer's input is
+    summarised by its per-feature mean and standard deviation. ``self.mean[r][l]`` and
+    ``self.std[r][l]`` are (D_l,) arrays for record r (at ``self.steps[r]``) and layer l.
+    ``drift()`` turns them into one number per layer (chapter 4).
+    """
+
+    def __init__(self, probe: Tensor, layers: Sequence[nn.Module] | None = None,
+                 every: int = 10) -> None:
+        self.probe, self._layers, self.every = probe, layers, every
+        self.steps: list[int] = []
+        self.mean: list[list[np.ndarray]] = []
+        self.std: list[list[np.ndarray]] = []
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        if step % self.every:
+            return None
+        layers = list(self._layers) if self._layers is not None else find_layers(model)
+        seen: list[Tensor] = [torch.empty(0)] * len(layers)
+
+        def keep(i: int):
+            def hook(module, args):
+                seen[i] = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            return hook
+
+        handles = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
+        with probing(model, seed=step):
+            run_once(model, self.probe.to(device_of(model)), handles)
+        self.steps.append(step)
+        self.mean.append([s.mean(0).cpu().numpy() for s in seen])
+        self.std.append([s.std(0).cpu().numpy() for s in seen])
+        return None
+
+    def drift(self) -> np.ndarray:
+        """(L,) mean change of each feature's mean and sd between consecutive records, in
+        units of that feature's average sd: (|Δμ| + |Δσ|) / σ̄, averaged over features and time.
+        0 means a layer's input distribution never moved."""
+        out = []
+        for layer in range(len(self.mean[0])):
+            mean = np.stack([m[layer] for m in self.mean])          # (R, D)
+            std = np.stack([s[layer] for s in self.std])            # (R, D)
+            scale = std.mean(axis=0) + 1e-12                        # (D,)
+            change = np.abs(np.diff(mean, axis=0)) + np.abs(np.diff(std, axis=0))
+            out.append(float((change / scale).mean()))
+        return np.array(out)
+
+
+class GradientICS(Callback):
+    """Santurkar et al.'s gradient measure of internal covariate shift, per layer.
+
+    Every ``every`` steps, on the probe batch: G_l is the gradient of layer l's parameters;
+    G'_l is the same gradient after every earlier layer has taken a gradient step of size
+    ``lr`` (layer l and later ones unchanged). Records ‖G_l − G'_l‖ / ‖G_l‖ (``relative``) and
+    the cosine between them (``cosine``): how much a layer's gradient changes because the
+    layers before it moved. Lists of (L,) arrays, one per record (layer 0 has no earlier layer:
+    0 and 1).
+    """
+
+    def __init__(self, probe: tuple[Tensor, Tensor], lr: float,
+                 layers: Sequence[nn.Module] | None = None, every: int = 10) -> None:
+        self.probe, self.lr, self._layers, self.every = probe, lr, layers, every
+        self.steps: list[int] = []
+        self.relative: list[np.ndarray] = []
+        self.cosine: list[np.ndarray] = []
+
+    def before_step(self, step: int, model: nn.Module) -> None:
+        if step % self.every:
+            return
+        layers = list(self._layers) if self._layers is not None else find_layers(model)
+        params = [list(layer.parameters()) for layer in layers]
+        device = device_of(model)
+        x, y = (t.to(device) for t in self.probe)
+        _, flat_grads = _loss_grads(model, [p for ps in params for p in ps], x, y, seed=step)
+        grads, k = [], 0
+        for ps in params:
+            grads.append(flat_grads[k:k + len(ps)])
+            k += len(ps)
+        rel, cos = [0.0], [1.0]
+        for i in range(1, len(layers)):
+            earlier = [(p, g) for ps, gs in zip(params[:i], grads[:i]) for p, g in zip(ps, gs)]
+            with _stepped(earlier, self.lr):
+                _, moved = _loss_grads(model, params[i], x, y, seed=step)
+            g0, g1 = _flat(grads[i]), _flat(moved)
+            rel.append(float((g0 - g1).norm() / (g0.norm() + 1e-30)))
+            cos.append(float(torch.nn.functional.cosine_similarity(g0, g1, dim=0)))
+        self.steps.append(step)
+        self.relative.append(np.array(rel))
+        self.cosine.append(np.array(cos))
+
+
+class Smoothness(Callback):
+    """The loss landscape along the gradient, every ``every`` steps (Santurkar et al. 2018).
+
+    From the current parameters θ with probe gradient g, step to θ − η·g for each step size η
+    in ``step_sizes`` and record: ``loss_range``, the spread (max − min) of the loss over those
+    points (how much the loss varies where an optimiser might step), and ``beta``, the largest
+    ‖∇L(θ) − ∇L(θ − η·g)‖ / ‖η·g‖, an effective smoothness constant (how fast the gradient
+    changes, i.e. how far the current gradient can be trusted). Lists of floats.
+    """
+
+    def __init__(self, probe: tuple[Tensor, Tensor],
+                 step_sizes: Sequence[float] = (0.05, 0.1, 0.2, 0.4),
+                 every: int = 10) -> None:
+        self.probe, self.step_sizes, self.every = probe, tuple(step_sizes), every
+        self.steps: list[int] = []
+        self.loss_range: list[float] = []
+        self.beta: list[float] = []
+
+    def before_step(self, step: int, model: nn.Module) -> None:
+        if step % self.every:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        device = device_of(model)
+        x, y = (t.to(device) for t in self.probe)
+        loss0, g0 = _loss_grads(model, params, x, y, seed=step)
+        g0_flat = _flat(g0)
+        losses, betas = [loss0], []
+        for eta in self.step_sizes:
+            with _stepped(list(zip(params, g0)), eta):
+                loss_m, g_m = _loss_grads(model, params, x, y, seed=step)
+            losses.append(loss_m)
+            distance = eta * float(g0_flat.norm())
+            betas.append(float((_flat(g_m) - g0_flat).norm()) / max(distance, 1e-30))
+        self.steps.append(step)
+        finite = all(math.isfinite(v) for v in losses + betas)
+        self.loss_range.append(max(losses) - min(losses) if finite else math.inf)
+        self.beta.append(max(betas) if finite else math.inf)

@@ -1,0 +1,484 @@
+"""Per-layer measurements of any ``nn.Module``: gradients, activations, rank collapse.
+
+Nothing here knows depthlab's models: every function works on PyTorch's own
+``nn.TransformerEncoder`` as well as on ours. "Layers" are found by ``find_layers`` (or passed
+in); hooks are installed by the ``record`` context manager and removed when it exits.
+
+Every inspection leaves the model exactly as it found it: parameters, buffers (BatchNorm's
+running statistics), ``.grad``, the train/eval mode of every submodule and the random state
+(``untouched``). A measurement that quietly moved a BatchNorm's statistics would change the
+experiment it was meant to observe.
+
+Gradient norms are computed in float64: the norm of a 1e-29 gradient squares to 1e-58, below
+float32's range, and would come out as exactly 0 (chapter 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .training import device_of, loss_and_accuracy, rng_devices
+
+SaturationRule = Callable[[Tensor], Tensor]
+
+SATURATION_RULES: dict[str, SaturationRule] = {
+    # fraction of units whose local derivative is (nearly) zero
+    "sigmoid": lambda h: ((h < 0.01) | (h > 0.99)).double().mean(),
+    "tanh": lambda h: (h.abs() > 0.99).double().mean(),
+    "relu": lambda h: (h <= 0).double().mean(),                # "dead" units
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Which modules are "the layers", and leaving a model as it was found
+# --------------------------------------------------------------------------------------------
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a ``torch.compile`` or ``DistributedDataParallel`` wrapper.
+
+    Hooks do not see inside a compiled graph (a profile of a compiled model came out NaN), so
+    inspections run the original module, which shares the compiled one's parameters.
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)              # torch.compile
+        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def find_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated layers (blocks) of ``model``, in order.
+
+    ``model.layers`` if it has one; otherwise the shallowest ``nn.ModuleList`` (or
+    ``nn.Sequential``) of at least two modules of one type, i.e. the stack of blocks rather
+    than, say, the heads inside each block. Raises naming the candidates when two lists are
+    equally shallow, or when there is none: then pass ``layers=[...]`` yourself.
+    """
+    model = unwrap(model)
+    layers = getattr(model, "layers", None)
+    if isinstance(layers, (nn.ModuleList, nn.Sequential, list, tuple)) and len(layers) > 0:
+        return list(layers)
+    candidates = []
+    for name, m in model.named_modules():
+        if (isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= 2
+                and len({type(child) for child in m}) == 1):
+            candidates.append((name.count(".") + 1 if name else 0, name or "(the model)", m))
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no list of repeated layers "
+                         "(nn.ModuleList of one module type); pass layers=[...] explicitly")
+    shallowest = min(c[0] for c in candidates)
+    top = [c for c in candidates if c[0] == shallowest]
+    if len(top) > 1:
+        names = ", ".join(f"{n} ({len(m)} × {type(m[0]).__name__})" for _, n, m in top)
+        raise ValueError(f"{type(model).__name__} has several equally shallow lists of layers: "
+                         f"{names}; pass layers=... to say which to measure")
+    return list(top[0][2])
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module) -> Iterator[nn.Module]:
+    """Run measurements on ``model`` and leave no trace: on exit its buffers (BatchNorm's
+    running statistics), every parameter's ``.grad``, the train/eval mode of every submodule
+    and torch's random state (CPU and the model's CUDA device) are exactly as on entry."""
+    device = device_of(model)
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    grads = [(p, None if p.grad is None else p.grad.detach().clone())
+             for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    with torch.random.fork_rng(devices=rng_devices(device)):
+        try:
+            yield model
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for p, g in grads:
+                p.grad = g
+
+
+@contextlib.contextmanager
+def probing(model: nn.Module, seed: int = 0) -> Iterator[None]:
+    """Measurement passes in training mode that leave no trace on a training run.
+
+    Inside: training mode (BatchNorm uses batch statistics, as in training), torch's random
+    generator seeded with ``seed`` (so noisy layers draw the same noise in passes that share a
+    seed, and the run's own draws are untouched). On exit everything ``untouched`` restores is
+    restored (chapter 4).
+    """
+    with untouched(model):
+        torch.manual_seed(seed)
+        model.train()
+        yield
+
+
+def run_once(model: nn.Module, inputs: Tensor, handles: list) -> None:
+    """One forward pass without gradients that leaves the model untouched, then remove the
+    hooks in ``handles`` whatever happens."""
+    try:
+        with untouched(model), torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def backward(model: nn.Module, inputs: Tensor, targets: Tensor, *,
+             dtype: torch.dtype | None = None, loss_scale: float = 1.0) -> None:
+    """Clear the gradients, then one forward (under autocast in ``dtype`` if given) and
+    backward pass of ``loss_scale`` times depthlab's loss: the model's .grad is filled.
+    Callers run it inside ``untouched``."""
+    device = device_of(model)
+    model.zero_grad(set_to_none=True)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
+                else contextlib.nullcontext())
+    with autocast:
+        logits = model(inputs.to(device))
+    loss, _ = loss_and_accuracy(logits.float(), targets.to(device))
+    (loss * loss_scale).backward()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-layer recording
+# --------------------------------------------------------------------------------------------
+
+
+def token_similarity(h: Tensor) -> float:
+    """Mean cosine similarity between the distinct token vectors of each sequence.
+
+    h: (B, T, D). 1.0 means every position carries the same vector (rank collapse,
+    Dong et al. 2021); random vectors give about 0.
+    """
+    if h.dim() != 3 or h.shape[1] < 2:
+        raise ValueError("token_similarity expects (B, T, D) with T >= 2")
+    u = torch.nn.functional.normalize(h.double(), dim=-1)      # (B, T, D)
+    sims = u @ u.transpose(1, 2)                               # (B, T, T)
+    T = h.shape[1]
+    off_diag = sims.sum(dim=(1, 2)) - sims.diagonal(dim1=1, dim2=2).sum(-1)  # (B,)
+    return (off_diag / (T * (T - 1))).mean().item()
+
+
+class Recorder:
+    """What ``record`` collected. Each list has one entry per layer; entries are lists over
+    forward (or backward) passes. Use ``profile()`` for per-layer averages."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.act_grad: list[list[Tensor]] = [[] for _ in range(n_layers)]
+        self.act_mean: list[list[Tensor]] = [[] for _ in range(n_layers)]
+        self.act_std: list[list[Tensor]] = [[] for _ in range(n_layers)]
+        self.saturation: list[list[Tensor]] = [[] for _ in range(n_layers)]
+        self.similarity: list[list[float]] = [[] for _ in range(n_layers)]
+        self.samples: list[Tensor | None] = [None] * n_layers  # last output (for histograms)
+        self.grad_samples: list[Tensor | None] = [None] * n_layers
+
+    def profile(self, weight_grad_norm: Sequence[float] | None = None) -> LayerProfile:
+        def avg(rows: list[list]) -> np.ndarray:
+            return np.array([float(torch.stack([torch.as_tensor(v) for v in r]).double()
+                                   .mean()) if r else math.nan for r in rows])
+        return LayerProfile(
+            act_grad_norm=avg(self.act_grad),
+            weight_grad_norm=(np.array(weight_grad_norm, dtype=float)
+                              if weight_grad_norm is not None
+                              else np.full(len(self.act_grad), math.nan)),
+            act_mean=avg(self.act_mean),
+            act_std=avg(self.act_std),
+            saturation=avg(self.saturation),
+            token_similarity=avg(self.similarity),
+        )
+
+
+@contextlib.contextmanager
+def record(model: nn.Module, layers: Sequence[nn.Module] | None = None, *,
+           saturation: str | SaturationRule | None = None, similarity: bool = True,
+           keep_samples: bool = False) -> Iterator[Recorder]:
+    """Install forward hooks on each layer for the duration of the ``with`` block.
+
+    For every forward pass the recorder stores the layer output's mean, std, saturated fraction
+    (``saturation``: "sigmoid", "tanh", "relu" or a function of the output) and, for (B, T, D)
+    outputs, the token similarity; on the backward pass, ‖∂loss/∂output‖ in float64.
+    ``keep_samples`` keeps the last output and its gradient of each layer (for histograms).
+    The hooks are removed on exit, also after an exception.
+    """
+    layers = list(layers) if layers is not None else find_layers(model)
+    rec = Recorder(len(layers))
+    sat = SATURATION_RULES[saturation] if isinstance(saturation, str) else saturation
+    handles = []
+
+    def make_hook(i: int):
+        def hook(module: nn.Module, inputs, output) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            if not isinstance(out, Tensor):
+                return
+            with torch.no_grad():
+                rec.act_mean[i].append(out.detach().double().mean())
+                rec.act_std[i].append(out.detach().double().std())
+                if sat is not None:
+                    rec.saturation[i].append(sat(out.detach()))
+                if similarity and out.dim() == 3 and out.shape[1] > 1:
+                    rec.similarity[i].append(token_similarity(out.detach()))
+                if keep_samples:
+                    rec.samples[i] = out.detach().cpu()
+            if out.requires_grad:
+                def grad_hook(g: Tensor) -> None:
+                    rec.act_grad[i].append(g.detach().double().norm())
+                    if keep_samples:
+                        rec.grad_samples[i] = g.detach().cpu()
+                out.register_hook(grad_hook)
+        return hook
+
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_hook(make_hook(i)))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class LayerProfile:
+    """Per-layer measurements, index 0 = the layer nearest the input. All arrays are (L,)."""
+
+    act_grad_norm: np.ndarray     # ‖∂loss/∂h_l‖, the gradient reaching layer l's output
+    weight_grad_norm: np.ndarray  # ‖∂loss/∂W_l‖ over all parameters of layer l
+    act_mean: np.ndarray
+    act_std: np.ndarray
+    saturation: np.ndarray        # fraction of saturated units (NaN if no rule was given)
+    token_similarity: np.ndarray  # mean cosine similarity between tokens (NaN for 2-D outputs)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.act_grad_norm)
+
+    @property
+    def ratio(self) -> float:
+        """First-layer / last-layer activation-gradient norm: < 1 vanishing, > 1 exploding."""
+        with np.errstate(divide="ignore", invalid="ignore"):     # 0 or inf are answers too
+            return float(self.act_grad_norm[0] / self.act_grad_norm[-1])
+
+    @property
+    def weight_ratio(self) -> float:
+        """First-layer / last-layer weight-gradient norm."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(self.weight_grad_norm[0] / self.weight_grad_norm[-1])
+
+    def measured_factors(self) -> np.ndarray:
+        """‖∂L/∂h_{l-1}‖ / ‖∂L/∂h_l‖ for l = 1..L-1: what one layer does to the gradient."""
+        return self.act_grad_norm[:-1] / self.act_grad_norm[1:]
+
+    def per_layer_factor(self) -> float:
+        """Geometric-mean change of the gradient norm per layer, going from output to input."""
+        return float(self.ratio ** (1.0 / max(1, self.n_layers - 1)))
+
+    def describe(self) -> str:
+        """One sentence that says what the numbers mean."""
+        L = self.n_layers
+        r = self.ratio
+        if math.isnan(r) or not np.isfinite(self.act_grad_norm).all():
+            return (f"first/last gradient ratio {r:.2g}: gradients are not finite across {L} "
+                    "layers: the forward or backward pass overflowed (exploding)")
+        if r == 0:
+            return (f"first/last gradient ratio 0: the gradient does not reach layer 0 at all "
+                    f"(underflow or a dead path) across {L} layers")
+        if math.isinf(r):
+            return (f"first/last gradient ratio inf: the last of {L} layers receives no "
+                    "gradient (a dead path after it)")
+        if r < 1e-2:
+            verdict = f"gradients vanish between layer {L - 1} and layer 0"
+        elif r > 1e2:
+            verdict = f"gradients explode between layer {L - 1} and layer 0"
+        else:
+            verdict = "gradient norms stay within two decades across the stack"
+        return (f"first/last gradient ratio {r:.2g} over {L} layers "
+                f"(×{self.per_layer_factor():.3g} per layer): {verdict}")
+
+
+def layer_grad_norms(layers: Sequence[nn.Module], weight: str | None = None) -> list[float]:
+    """‖∂loss/∂θ_l‖ over all parameters of each layer (float64), from the current ``.grad``.
+
+    The one place depthlab turns gradients into per-layer norms. With ``weight`` (a parameter
+    name inside each layer, e.g. ``"mlp.fc2.weight"``), only that parameter: Xiong et al.
+    (2020) track the second MLP matrix of each block (chapter 5). NaN for a layer without
+    gradients.
+    """
+    out = []
+    for layer in layers:
+        params = ([dict(layer.named_parameters())[weight]] if weight is not None
+                  else list(layer.parameters()))
+        sq = [p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None]
+        out.append(math.sqrt(float(torch.stack(sq).sum())) if sq else math.nan)
+    return out
+
+
+def gradient_profile(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], *,
+                     layers: Sequence[nn.Module] | None = None,
+                     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+                     saturation: str | SaturationRule | None = None,
+                     keep_samples: bool = False, weight: str | None = None) -> LayerProfile:
+    """Forward and backward passes on ``batches``; per-layer averages of what ``record`` sees.
+
+    ``loss_fn(output, targets)`` defaults to depthlab's cross-entropy (ignoring ``IGNORE``).
+    ``weight`` restricts ``weight_grad_norm`` to one named parameter of each layer. Runs in the
+    model's current mode and leaves the model untouched (``.grad`` and BatchNorm statistics
+    included). Returns a ``LayerProfile``; with ``keep_samples`` it also has ``.recorder``.
+    """
+    model = unwrap(model)
+    if not batches:
+        raise ValueError("gradient_profile needs at least one (inputs, targets) batch")
+    layers = list(layers) if layers is not None else find_layers(model)
+    loss_fn = loss_fn or (lambda out, y: loss_and_accuracy(out, y)[0])
+    device = device_of(model)
+    wsum = np.zeros(len(layers))
+    with untouched(model), record(model, layers, saturation=saturation,
+                                  keep_samples=keep_samples) as rec:
+        for x, y in batches:
+            model.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            loss.backward()
+            wsum += np.array(layer_grad_norms(layers, weight))
+    profile = rec.profile(wsum / len(batches))
+    if keep_samples:
+        profile.recorder = rec  # type: ignore[attr-defined]
+    return profile
+
+
+def gradient_norms_by_layer(model: nn.Module, batch: tuple[Tensor, Tensor], *,
+                            clip_norm: float | None = None, normalise: bool = False,
+                            layers: Sequence[nn.Module] | None = None) -> np.ndarray:
+    """(L,) norm of each layer's parameter gradient for one batch, in float64.
+
+    ``clip_norm`` applies ``torch.nn.utils.clip_grad_norm_`` to all parameters first, as the
+    training loop does; ``normalise`` divides the whole gradient by its global norm. Both
+    multiply every layer by the same factor, which is the point of measuring them (chapter 6).
+    The model is left untouched.
+    """
+    model = unwrap(model)
+    layers = list(layers) if layers is not None else find_layers(model)
+    with untouched(model):
+        backward(model, *batch)
+        params = [p for p in model.parameters() if p.grad is not None]
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        if normalise:
+            total = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params))
+            for p in params:
+                p.grad.div_(total.to(p.grad.dtype))
+        return np.array(layer_grad_norms(layers))
+
+
+def parameter_gradients(model: nn.Module, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
+    """The gradient of every parameter for one batch (copies; the model is left untouched)."""
+    model = unwrap(model)
+    with untouched(model):
+        backward(model, *batch)
+        return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                for p in model.parameters()]
+
+
+def activation_saturation(model: nn.Module, inputs: Tensor,
+                          layers: Sequence[nn.Module] | None = None) -> np.ndarray:
+    """(L,) fraction of saturated or dead units among each layer's activation modules.
+
+    ReLU and GELU: units that are off (output 0, or input below -3 for GELU) for *every*
+    example and token of the batch: dead units, whose gradient is zero (a ReLU that is off for
+    half the inputs is working normally). tanh: entries with |output| > 0.99; sigmoid: entries
+    outside [0.01, 0.99]. NaN for a layer without such modules (e.g. a model that calls
+    ``F.relu`` directly, which hooks cannot see). The model is left untouched.
+    """
+    model = unwrap(model)
+    layers = list(layers) if layers is not None else find_layers(model)
+    fractions: list[list[float]] = [[] for _ in layers]
+    handles = []
+
+    def watch(i: int, module: nn.Module):
+        def hook(mod, args, out):
+            if isinstance(mod, (nn.ReLU, nn.GELU)):
+                off = (out <= 0) if isinstance(mod, nn.ReLU) else (args[0] < -3)
+                frac = off.reshape(-1, off.shape[-1]).all(dim=0).double().mean()   # dead units
+            elif isinstance(mod, nn.Tanh):
+                frac = SATURATION_RULES["tanh"](out)
+            else:
+                frac = SATURATION_RULES["sigmoid"](out)
+            fractions[i].append(float(frac))
+        return module.register_forward_hook(hook)
+
+    for i, layer in enumerate(layers):
+        for m in layer.modules():
+            if isinstance(m, (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid)):
+                handles.append(watch(i, m))
+    run_once(model, inputs.to(device_of(model)), handles)
+    return np.array([float(np.mean(f)) if f else math.nan for f in fractions])
+
+
+def activation_memory(model: nn.Module, inputs: Tensor, targets: Tensor) -> int:
+    """Bytes of activations the autograd graph keeps for the backward pass of one batch.
+
+    Counted exactly with saved-tensor hooks: every tensor saved for backward, each storage
+    once, parameters excluded. This is the memory that gradient checkpointing trades for
+    recomputation (tensors saved inside a checkpointed block are recomputed in backward and
+    not kept). Device-agnostic; on CUDA, ``torch.cuda.max_memory_allocated`` tells the rest.
+    The model is left untouched.
+    """
+    model = unwrap(model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    device = device_of(model)
+    with untouched(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = loss_and_accuracy(model(inputs.to(device)), targets.to(device))
+        del loss                                              # free the graph
+    return sum(kept.values())
+
+
+@torch.no_grad()
+def output_change(model: nn.Module, inputs: Tensor, changed: Tensor, at=0, *,
+                  train_mode: bool = True) -> float:
+    """Largest |Δ| in ``model(inputs)[at]`` when the inputs become ``changed``.
+
+    A test of what an output depends on: keep the part of the input that ``at`` selects the
+    same, change something else (other sequences of the batch, future tokens, padding) and see
+    whether the selected outputs move. ``at`` is any index, e.g. ``0`` (the first example) or
+    ``(slice(None), slice(0, 5))`` (the first 5 positions of every sequence); ``inputs`` and
+    ``changed`` may differ in shape as long as ``at`` selects the same part of both. Runs in
+    training mode by default, where BatchNorm uses the current batch's statistics (chapter 3);
+    the model (mode, running statistics, random state) is left untouched.
+    """
+    model = unwrap(model)
+    with untouched(model):
+        model.train(train_mode)
+        return (model(inputs)[at] - model(changed)[at]).abs().max().item()
+
+
+@contextlib.contextmanager
+def ablate(model: nn.Module, index: int, layers: Sequence[nn.Module] | None = None):
+    """Delete layer ``index`` (replace it with the identity) inside a ``with`` block.
+
+    For a residual layer this leaves only its skip connection; for a plain layer it passes its
+    input straight on. The layer is put back on exit (Veit et al. 2016; chapter 2).
+    """
+    container = getattr(unwrap(model), "layers", None) if layers is None else layers
+    if not isinstance(container, nn.ModuleList):
+        raise ValueError("ablate needs model.layers (an nn.ModuleList) or layers=...")
+    original = container[index]
+    container[index] = nn.Identity()
+    try:
+        yield model
+    finally:
+        container[index] = original

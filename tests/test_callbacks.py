@@ -1,0 +1,97 @@
+
+import numpy as np
+import pytest
+import torch
+
+import depthlab as dl
+
+
+def test_update_ratio_callback():
+    cb = dl.UpdateRatio()
+    dl.train(dl.DeepMLP(dl.MLPConfig(depth=4)), dl.Digits(batch_size=32),
+             dl.TrainConfig(steps=5, lr=1e-3), callbacks=[cb])
+    arr = cb.as_array()
+    assert arr.shape == (5, 4)
+    # Adam moves each weight by about lr: the ratio is lr / typical |w| = 1e-3 / 0.07 ≈ 10^-1.8
+    assert np.all((arr > -3.5) & (arr < -1.0)), arr
+
+
+def test_layer_grad_norms_callback_removes_its_hooks():
+    model = dl.DeepMLP(dl.MLPConfig(depth=4))
+    cb = dl.LayerGradNorms()
+    dl.train(model, dl.Digits(batch_size=32), dl.TrainConfig(steps=3), callbacks=[cb])
+    assert len(cb.history) == 3 and all(np.all(h > 0) for h in cb.history)
+    assert all(len(layer._forward_hooks) == 0 for layer in model.layers)
+
+
+def _bn_mlp(**kw):
+    return dl.DeepMLP(dl.MLPConfig(depth=4, width=16, norm_kind="batch", **kw), seed=0)
+
+
+def test_probing_leaves_running_statistics_mode_and_random_state_alone():
+    from depthlab.hooks import probing
+
+    model = _bn_mlp(norm_noise=0.3).eval()
+    before = model.layers[0].norm.running_mean.clone()
+    state = torch.random.get_rng_state()
+    with probing(model, seed=3):
+        assert model.training
+        model(torch.randn(8, 64))
+    assert not model.training
+    assert torch.equal(model.layers[0].norm.running_mean, before)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_measurement_callbacks_do_not_change_the_training_run():
+    from depthlab.callbacks import GradientICS, InputDrift, Smoothness
+
+    data = dl.Digits(batch_size=32, seed=0)
+    probe = data.batch(999)
+    cfg = dl.TrainConfig(steps=12, lr=0.05, optimizer="sgd")
+    plain, watched = _bn_mlp(norm_noise=0.2), _bn_mlp(norm_noise=0.2)
+    h1 = dl.train(plain, data, cfg)
+    cbs = [InputDrift(probe[0], every=4), GradientICS(probe, lr=0.05, every=4),
+           Smoothness(probe, every=4)]
+    h2 = dl.train(watched, data, cfg, cbs)
+    assert h1.loss == h2.loss                                   # bit for bit
+    assert cbs[0].steps == [0, 4, 8] and [m.shape for m in cbs[0].mean[0]][1:] == [(16,)] * 3
+    assert cbs[0].drift().shape == (4,) and (cbs[0].drift()[1:] > 0).all()
+    assert cbs[1].relative[0][0] == 0.0 and (cbs[1].relative[0][1:] > 0).all()
+    assert all(np.isfinite(cbs[2].beta)) and all(r >= 0 for r in cbs[2].loss_range)
+
+
+def test_gradient_ics_matches_its_definition():
+    """G'_l: the gradient of layer l after the earlier layers took an SGD step of size lr."""
+    from depthlab.callbacks import GradientICS
+
+    model = dl.DeepMLP(dl.MLPConfig(depth=3, width=16), seed=0)
+    x, y = dl.Digits(batch_size=32).batch(0)
+    ics = GradientICS((x, y), lr=0.1, every=1)
+    ics.before_step(0, model)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    params = list(model.parameters())
+    grads = dict(zip(params, torch.autograd.grad(loss, params)))
+    layer2 = list(model.layers[2].parameters())
+    with torch.no_grad():
+        for layer in model.layers[:2]:
+            for p in layer.parameters():
+                p.sub_(0.1 * grads[p])
+    moved = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), layer2)
+    g0 = torch.cat([grads[p].reshape(-1) for p in layer2])
+    g1 = torch.cat([g.reshape(-1) for g in moved])
+    assert ics.relative[0][2] == pytest.approx(float((g0 - g1).norm() / g0.norm()), rel=1e-4)
+
+
+def test_drift_is_zero_when_nothing_moves_and_noise_raises_it():
+    from depthlab.callbacks import InputDrift
+
+    probe = dl.Digits(batch_size=32).batch(0)[0]
+    still = InputDrift(probe, every=1)
+    model = _bn_mlp()
+    for step in range(3):                                       # no training in between
+        still.after_step(step, model)
+    assert np.allclose(still.drift(), 0.0)
+    noisy = InputDrift(probe, every=1)
+    for step in range(3):
+        noisy.after_step(step, _bn_mlp(norm_noise=0.5))
+    assert (noisy.drift()[1:] > 0.1).all()

@@ -1,0 +1,91 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import depthlab as dl
+
+
+def test_product_of_jacobians_prediction_matches_measurement():
+    from depthlab.probes import predicted_gradient_factors
+
+    x, y = dl.Digits(batch_size=256).batch(0)
+    for act, init in (("sigmoid", "xavier"), ("tanh", "kaiming"), ("relu", "normal")):
+        model = dl.DeepMLP(dl.MLPConfig(depth=12, activation=act, init=init))
+        measured = dl.gradient_profile(model, [(x, y)]).measured_factors()
+        predicted = predicted_gradient_factors(model, x)
+        assert predicted.shape == measured.shape == (11,)
+        # the mean-field prediction is good to about 10 % per layer at width 64
+        assert np.median(np.abs(np.log10(predicted / measured))) < 0.1, (act, init)
+
+
+def test_prediction_refuses_models_it_does_not_describe():
+    import pytest
+
+    from depthlab.probes import predicted_gradient_factors
+
+    with pytest.raises(ValueError, match="plain"):
+        predicted_gradient_factors(dl.DeepMLP(dl.MLPConfig(residual=True)), torch.randn(4, 64))
+
+
+def test_softmax_jacobian_norms():
+    from depthlab.probes import softmax_jacobian_norms
+
+    T = 8
+    uniform = torch.full((T,), 1 / T)
+    one_hot = torch.eye(T)[0]
+    pair = torch.tensor([0.5, 0.5] + [0.0] * (T - 2))
+    norms = softmax_jacobian_norms(torch.stack([uniform, one_hot, pair]))
+    assert torch.allclose(norms, torch.tensor([1 / T, 0.0, 0.5], dtype=torch.float64),
+                          atol=1e-9)
+
+
+def test_attention_maps_are_what_the_fused_kernel_computes():
+    from depthlab.probes import attention_maps
+
+    model = dl.SequenceModel(dl.TransformerConfig(d_model=32, n_layers=3))
+    x, _ = dl.SequenceTask(n=5).batch(0)
+    maps = attention_maps(model, x)
+    assert len(maps) == 3 and maps[0].shape == (32, 4, 10, 10)
+    assert torch.allclose(maps[0].sum(-1), torch.ones(32, 4, 10), atol=1e-5)
+    assert maps[0][..., 0, 1:].abs().max() == 0            # causal: token 0 sees only itself
+    attn = model.layers[0].attn
+    h = torch.randn(2, 10, 32)
+    a = attn.attention_weights(h)                           # (B, H, T, T)
+    v = attn.qkv(h)[..., 64:].view(2, 10, 4, 8).transpose(1, 2)
+    manual = attn.proj((a @ v).transpose(1, 2).reshape(2, 10, 32))
+    assert (manual - attn(h)).abs().max() < 1e-5
+
+
+def test_jacobian_singular_values():
+    from depthlab.probes import jacobian_singular_values
+
+    w = torch.randn(5, 5)
+    sv = jacobian_singular_values(lambda v: w @ v, torch.randn(5))
+    assert torch.allclose(sv, torch.linalg.svdvals(w.double()), atol=1e-5)
+    ident = jacobian_singular_values(lambda v: v * 1.0, torch.randn(2, 3))
+    assert torch.allclose(ident, torch.ones(6, dtype=torch.float64))
+
+
+def test_compare_times_returns_every_function_and_can_include_backward():
+    from depthlab.timing import compare_times
+
+    w = torch.ones(3, requires_grad=True)
+    calls = []
+    seconds = compare_times({"a": lambda: calls.append(1), "b": lambda: None}, repeats=2,
+                            rounds=3)
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+    assert len(calls) == 1 + 2 * 3                            # warm-up, then rounds x repeats
+    compare_times({"grad": lambda: 2 * w}, repeats=2, rounds=1, backward=True)
+    assert torch.equal(w.grad, torch.full((3,), 2.0 * 3))     # 3 backward passes of d(2w)/dw
+
+
+def test_running_mean_stream_follows_the_moving_average_formula():
+    from depthlab.probes import running_mean_stream
+
+    spread, trace = running_mean_stream(0.1, 4, mean=3.0, sd=2.0, steps=200, seed=0)
+    predicted = 2.0 * math.sqrt(0.1 / ((2 - 0.1) * 4))         # σ √(m / ((2 − m) B))
+    assert 0.8 < spread / predicted < 1.2
+    assert trace.shape == (200,) and trace[0] == pytest.approx(0.3, abs=0.2)  # 0.9·0 + 0.1·x̄
+    assert abs(trace[-50:].mean() - 3.0) < 0.5
