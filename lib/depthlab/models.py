@@ -168,7 +168,7 @@ class SelfAttention(nn.Module):
 
     ``qkv`` holds the query, key and value projections stacked in that order, the same layout
     as ``nn.MultiheadAttention.in_proj_weight``. By default the attention runs through PyTorch's
-    fused ``F.scaled_dot_product_attention``; ``fused = False`` switches to the written-out
+    fused ``F.scaled_dot_product_attention``; ``sdpa = False`` switches to the written-out
     softmax(QKᵀ/√Dh)·V of ``attention_weights``, the same function to float round-off, which
     ``torch.func.vmap`` can batch (seed ensembles set it; chapter 0).
     """
@@ -180,7 +180,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.proj.is_residual_out = True                       # scaled by 1/sqrt(2L) in gpt2 init
         self.n_heads, self.causal, self.dropout = n_heads, causal, dropout
-        self.fused = True
+        self.sdpa = True
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, D = x.shape
@@ -194,7 +194,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
         q, k, v = self._heads(x)
-        if self.fused:
+        if self.sdpa:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=self.causal,
                 dropout_p=self.dropout if self.training else 0.0)   # (B, H, T, Dh)

@@ -1,0 +1,196 @@
+"""Execute the chapters once, for the website, the tests and the seed audit.
+
+The book's build (MyST-NB, ``execute_notebooks: cache``) looks each notebook up in a
+jupyter-cache by a hash of its code cells and executes only what it does not find. This module
+executes the chapters itself, several at a time, and stores the results in that cache, so that:
+
+- the website build finds every chapter there and executes nothing again;
+- the tests check the same executed notebooks (every cell ran, no error output: the check
+  ``nbval --nbval-lax`` makes) instead of running every chapter a second time;
+- the seed audit can run the chapters under other seed offsets, into a scratch ledger.
+
+Freshness: the cache cannot see a change in ``lib/depthlab`` (only code cells are hashed), so
+a hash of the library is stored beside it (the book extension's ``library_hash``). When it
+differs, the cache, the claims ledger and Sphinx's saved environment are cleared first, and
+every chapter runs again.
+
+Each kernel inherits: ``DEPTHLAB_LEDGER`` (claims log), ``DEPTHLAB_STATIC=1`` (explorers draw
+static figures), ``DEPTHLAB_QUIET=1`` (no progress bars); with ``jobs`` > 1 also one torch
+thread and ``DEPTHLAB_WORKERS=1`` per chapter (two chapters side by side, each on one core,
+instead of four processes fighting over two).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "_build"
+CACHE = BUILD / ".jupyter_cache"
+LEDGER = BUILD / "claims" / "ledger.json"
+EXECUTED = BUILD / "executed"
+STAMP = BUILD / "depthlab-library.sha256"
+TIMEOUT = 600                       # seconds per cell; chapters are budgeted at 90 s in all
+
+
+def chapters(selectors: list[str] | None = None) -> list[Path]:
+    """Chapter notebooks, all or those whose name contains one of ``selectors``."""
+    every = sorted((ROOT / "chapters").glob("[0-9][0-9]_*.ipynb"))
+    if not selectors:
+        return every
+    return [p for p in every if any(s in p.name for s in selectors)]
+
+
+def library_hash() -> str:
+    sys.path.insert(0, str(ROOT / "_ext"))
+    try:
+        from depthlab_book import library_hash as _hash
+    finally:
+        sys.path.pop(0)
+    return _hash(ROOT)
+
+
+@dataclass
+class Result:
+    chapter: str
+    seconds: float
+    error: str | None          # the failing cell's traceback, or None
+    executed: Path             # the executed notebook (outputs included)
+    cached: bool = False       # taken from the cache, not executed now
+
+
+def kernel_env(ledger: Path | None, *, offset: int | None = None, jobs: int = 1,
+               raise_claims: bool = True) -> dict[str, str]:
+    env = dict(os.environ, DEPTHLAB_STATIC="1", DEPTHLAB_QUIET="1")
+    env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    env.pop("DEPTHLAB_LEDGER", None)
+    if ledger is not None:
+        env["DEPTHLAB_LEDGER"] = str(ledger)
+    if offset is not None:
+        env["DEPTHLAB_SEED_OFFSET"] = str(offset)
+    if not raise_claims:
+        env["DEPTHLAB_CLAIMS_RAISE"] = "0"
+    if jobs > 1:
+        env.update(DEPTHLAB_WORKERS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def _execute_one(path: str, env: dict[str, str]) -> tuple[str, float, str | None]:
+    """Run one notebook in a fresh kernel (in a worker process); its JSON, time and error."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    error = None
+    try:
+        NotebookClient(nb, timeout=TIMEOUT, kernel_name="python3", allow_errors=False,
+                       resources={"metadata": {"path": str(Path(path).parent)}}
+                       ).execute(env=env)
+    except CellExecutionError as exc:
+        error = str(exc)
+    except Exception as exc:                  # a dead kernel, a timeout: report, do not hang
+        error = f"{type(exc).__name__}: {exc}"
+    return nbformat.writes(nb), time.perf_counter() - start, error
+
+
+def execute(selected: list[Path] | None = None, *, jobs: int = 2, ledger: Path | None = LEDGER,
+            offset: int | None = None, raise_claims: bool = True, use_cache: bool = True,
+            out: Path = EXECUTED, log=print) -> list[Result]:
+    """Execute ``selected`` chapters (default all), ``jobs`` at a time; see the module text.
+
+    With ``use_cache`` the results go into the book's jupyter-cache, and chapters already there
+    (same code, same library) are not executed again. Without it (the seed audit), everything
+    runs and nothing touches the book's cache.
+    """
+    import nbformat
+
+    selected = chapters() if selected is None else selected
+    out.mkdir(parents=True, exist_ok=True)
+    cache = None
+    if use_cache:
+        cache = _fresh_cache()
+    results: list[Result] = []
+    todo = []
+    for path in selected:
+        if cache is not None:
+            nb = nbformat.read(path, as_version=4)
+            try:
+                cache.match_cache_notebook(nb)
+            except KeyError:
+                todo.append(path)
+                continue
+            _, merged = cache.merge_match_into_notebook(nb)
+            target = out / path.name
+            nbformat.write(merged, target)
+            results.append(Result(path.stem, 0.0, None, target, cached=True))
+            log(f"  {path.stem}: in the cache")
+        else:
+            todo.append(path)
+    env = kernel_env(ledger, offset=offset, jobs=jobs, raise_claims=raise_claims)
+    if todo:
+        log(f"executing {len(todo)} chapter(s), {jobs} at a time")
+        with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+            futures = {path: pool.submit(_execute_one, str(path), env) for path in todo}
+            for path, future in futures.items():
+                text, seconds, error = future.result()
+                target = out / path.name
+                target.write_text(text)
+                results.append(Result(path.stem, seconds, error, target))
+                log(f"  {path.stem}: {seconds:.1f} s" + (" FAILED" if error else ""))
+                if cache is not None and error is None:
+                    _store(cache, path, nbformat.reads(text, as_version=4), seconds)
+    order = {p.stem: i for i, p in enumerate(selected)}
+    return sorted(results, key=lambda r: order[r.chapter])
+
+
+def _fresh_cache():
+    """The book's jupyter-cache, emptied (with the ledger and Sphinx's environment) when the
+    library changed since it was filled."""
+    from jupyter_cache import get_cache
+
+    current = library_hash()
+    if not STAMP.exists() or STAMP.read_text().strip() != current:
+        shutil.rmtree(CACHE, ignore_errors=True)
+        shutil.rmtree(BUILD / ".doctrees", ignore_errors=True)
+        if LEDGER.exists():
+            LEDGER.unlink()
+        STAMP.parent.mkdir(parents=True, exist_ok=True)
+        STAMP.write_text(current)
+    return get_cache(str(CACHE))
+
+
+def _store(cache, path: Path, executed, seconds: float) -> None:
+    """Add an executed notebook to the cache exactly as MyST-NB itself would."""
+    from jupyter_cache.base import CacheBundleIn
+
+    record = cache.add_nb_to_project(str(path))
+    cache.cache_notebook_bundle(CacheBundleIn(executed, record.uri,
+                                              data={"execution_seconds": seconds}),
+                                check_validity=False, overwrite=True)
+    # Sphinx re-reads a page only when its source changed: forget the saved environment so
+    # that every page is read again from the cache (cheap: nothing executes).
+    shutil.rmtree(BUILD / ".doctrees", ignore_errors=True)
+
+
+def cell_errors(executed: Path) -> list[str]:
+    """The error outputs of an executed notebook, and code cells that never ran."""
+    nb = json.loads(executed.read_text())
+    problems = []
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        if cell.get("execution_count") is None and "".join(cell["source"]).strip():
+            problems.append(f"cell {i} never ran")
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "error":
+                problems.append(f"cell {i}: {o.get('ename')}: {o.get('evalue')}")
+    return problems
