@@ -79,8 +79,13 @@ def on_env_get_outdated(app, env, added, changed, removed) -> list[str]:
 
 
 
+VERDICT_COLOURS = {"holds": "#1b6e36", "refuted": "#8a4b00", "not shown here": "#3d4f66"}
+
+
 class ClaimsLedger(SphinxDirective):
-    """Renders the ledger: one section per chapter, a table of claim, verdict and evidence."""
+    """Renders the ledger: findings and identities in two tables, one row per claim, with a
+    verdict chip, the evidence with its margin and the origin of each bound, and the note.
+    Filters (chapter, verdict, kind) work in the browser (``_static/depthlab.js``)."""
 
     def run(self):
         path = _ledger_path(self.env.app)
@@ -88,66 +93,91 @@ class ClaimsLedger(SphinxDirective):
         records.sort(key=lambda r: (r["chapter"], r.get("order", 0)))
         if not records:
             return [nodes.paragraph(text="No claims have been checked in this build yet.")]
+        findings = [r for r in records if r.get("kind", "finding") == "finding"]
+        identities = [r for r in records if r.get("kind") == "identity"]
         counts: dict[str, int] = {}
-        for r in records:
+        for r in findings:
             counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
-        out = [nodes.paragraph(text=(
-            f"{len(records)} claims checked in this build: "
-            + ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
-            + ". Every verdict matched the one its chapter states, or the build would have "
-            "failed."))]
+        summary = (f"{len(findings)} findings checked in this build: "
+                   + ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+                   + f". Besides them, {len(identities)} identities (parity checks and "
+                   "properties true by construction) were checked; they test the code, not "
+                   "a scientific claim, and are not counted. Every verdict matched the one "
+                   "its chapter states, or the build would have failed.")
         chapters = sorted({r["chapter"] for r in records})
-        for chapter in chapters:
-            out.append(self._chapter_heading(chapter))
-            out.append(self._table([r for r in records if r["chapter"] == chapter]))
-        return out
+        html_parts = [f"<p>{_esc(summary)}</p>", self._filters(chapters)]
+        html_parts.append("<h2 id='findings'>Findings</h2>")
+        html_parts.append(self._table(findings))
+        html_parts.append("<h2 id='identities'>Identities</h2>")
+        html_parts.append(self._table(identities))
+        return [nodes.raw("", "\n".join(html_parts), format="html")]
 
-    def _chapter_heading(self, chapter: str) -> nodes.Node:
+    def _filters(self, chapters: list[str]) -> str:
+        def select(name: str, options: list[tuple[str, str]]) -> str:
+            opts = "".join(f"<option value='{_esc(v)}'>{_esc(t)}</option>" for v, t in options)
+            return (f"<label>{name.capitalize()} <select data-ledger-filter='{name}'>"
+                    f"<option value=''>all</option>{opts}</select></label>")
+        chapter_opts = [(c, self._title(c)) for c in chapters]
+        verdicts = [(v, v) for v in VERDICT_COLOURS]
+        return ("<div class='depthlab-ledger-filters'>"
+                + select("chapter", chapter_opts) + select("verdict", verdicts)
+                + select("kind", [("finding", "finding"), ("identity", "identity")])
+                + "<span class='depthlab-ledger-count'></span></div>")
+
+    def _title(self, chapter: str) -> str:
+        title = self.env.titles.get(f"chapters/{chapter}")
+        return title.astext() if title is not None else chapter
+
+    def _link(self, chapter: str) -> str:
         docname = f"chapters/{chapter}"
-        para = nodes.paragraph()
-        title = self.env.titles.get(docname)
-        text = title.astext() if title is not None else chapter
         if docname in self.env.found_docs:
             uri = self.env.app.builder.get_relative_uri(self.env.docname, docname)
-            para += nodes.strong("", "", nodes.reference("", text, refuri=uri))
-        else:
-            para += nodes.strong(text=text)
-        return para
+            return f"<a href='{_esc(uri)}'>{_esc(self._title(chapter))}</a>"
+        return _esc(self._title(chapter))
 
-    def _table(self, records: list[dict]) -> nodes.table:
-        table = nodes.table(classes=["claims-ledger"])
-        group = nodes.tgroup(cols=3)
-        table += group
-        for width in (45, 12, 43):
-            group += nodes.colspec(colwidth=width)
-        head = nodes.thead()
-        group += head
-        head += self._row([nodes.paragraph(text=t) for t in
-                           ("Claim", "Verdict", "Evidence measured in this build")])
-        body = nodes.tbody()
-        group += body
+    def _table(self, records: list[dict]) -> str:
+        rows = []
         for r in records:
-            claim = nodes.paragraph()
-            claim += nodes.literal(text=r["claim_id"])
-            claim += nodes.Text(f" {r['statement']}")
-            if r.get("source"):
-                claim += nodes.emphasis(text=f" ({r['source']})")
-            verdict = nodes.paragraph(text="holds" if r["verdict"] == "holds"
-                                      else "refuted (myth)")
-            evidence = nodes.bullet_list()
-            for e in r["evidence"]:
-                evidence += nodes.list_item("", nodes.paragraph(text=e["text"]))
-            body += self._row([claim, verdict, evidence])
-        return table
+            verdict = r["verdict"]
+            label = r.get("label", verdict)
+            evidence = "".join(self._comparison(c) for c in r["evidence"])
+            against = "".join(self._comparison(c) for c in r.get("against", []))
+            if against:
+                evidence += ("<li class='depthlab-against-head'>decisive evidence against:"
+                             f"<ul>{against}</ul></li>")
+            source = f" <em>({_esc(r['source'])})</em>" if r.get("source") else ""
+            note = _esc(r.get("note", ""))
+            seeds = r.get("seeds") or []
+            basis = (f"{len(seeds)} seeds" if seeds
+                     else _esc(r.get("deterministic", "")) or "—")
+            rows.append(
+                f"<tr data-chapter='{_esc(r['chapter'])}' data-verdict='{_esc(verdict)}' "
+                f"data-kind='{_esc(r.get('kind', 'finding'))}'>"
+                f"<td>{self._link(r['chapter'])}</td>"
+                f"<td><span class='depthlab-id'>{_esc(r['claim_id'])}</span> "
+                f"{_esc(r['statement'])}{source}</td>"
+                f"<td><span class='depthlab-chip depthlab-chip-{verdict.replace(' ', '-')}'>"
+                f"{_esc(label)}</span></td>"
+                f"<td><ul class='depthlab-evidence'>{evidence}</ul></td>"
+                f"<td>{note}<div class='depthlab-basis'>measured over: {basis}</div></td></tr>")
+        head = ("<thead><tr><th>Chapter</th><th>Claim</th><th>Verdict</th>"
+                "<th>Evidence measured in this build (margin; where the bound comes from)</th>"
+                "<th>Note</th></tr></thead>")
+        return (f"<table class='depthlab-ledger table'>{head}<tbody>{''.join(rows)}"
+                "</tbody></table>")
 
     @staticmethod
-    def _row(cells: list[nodes.Node]) -> nodes.row:
-        row = nodes.row()
-        for cell in cells:
-            entry = nodes.entry()
-            entry += cell
-            row += entry
-        return row
+    def _comparison(c: dict) -> str:
+        mark = "✓" if c["passed"] else "✗"
+        return (f"<li><span class='depthlab-quantity'>{_esc(c['text'])}</span>"
+                f" <span class='depthlab-origin'>[bound: {_esc(c.get('origin', ''))}]</span>"
+                f"<span class='sr-only'>{mark}</span></li>")
+
+
+def _esc(text) -> str:
+    import html as _html
+
+    return _html.escape(str(text), quote=True)
 
 
 class CourseworkTable(SphinxDirective):

@@ -28,16 +28,24 @@ def test_figure_style_and_helpers():
     assert len(ax2[0, 0].texts) == 4
 
 
-def test_explorer_static_mode_draws_the_default_only():
-    calls = []
+def test_explorer_static_mode_draws_frames_for_the_website(monkeypatch):
+    calls, shown = [], []
 
     def plot(**kw):
         calls.append(kw)
         return _plot(**kw)
 
+    monkeypatch.setattr(explore, "_display", shown.append)
     assert explore.explorer(plot, {"depth": [2, 4], "kind": ["a", "b"]}, {"depth": 4},
                             static=True) is None
-    assert calls == [{"depth": 4, "kind": "a"}]
+    assert len(calls) == 4 and {"depth": 4, "kind": "a"} in calls    # every combination
+    html = shown[0].data
+    assert html.count("data:image/png;base64,") >= 4
+    assert "data-control='depth'" in html and "data-key='depth=4|kind=a'" in html
+    calls.clear()
+    explore.explorer(plot, {"depth": [2, 4], "kind": ["a", "b"]}, {"depth": 4}, static=True,
+                     frames=[{"depth": 2, "kind": "b"}])             # only what was computed
+    assert calls == [{"depth": 4, "kind": "a"}, {"depth": 2, "kind": "b"}]
 
 
 def test_explorer_live_mode_builds_widgets_that_redraw():
@@ -125,3 +133,46 @@ def test_points_draws_sets_a_curve_and_the_diagonal():
 def test_moving_average():
     assert list(plots.moving_average([1, 2, 3, 4], 2)) == [1.5, 2.5, 3.5]
     assert list(plots.moving_average([1, 2], 5)) == [1, 2]          # too short: unchanged
+
+
+def test_figure_check_finds_the_defects_a_reader_would_object_to():
+    fig, axes = plots.figure(2)
+    ax = axes[0, 0]
+    ax.plot(range(10), range(10), label="rising")
+    ax.plot(range(10), [9 - v for v in range(10)], label="falling")
+    ax.legend(loc="center")                                    # right on the crossing lines
+    axes[0, 1].plot([0, 1], [0, 1])
+    axes[0, 1].set_title("a very long title " * 8)             # runs off the figure
+    axes[0, 1].annotate("label A", (0.5, 0.5))
+    axes[0, 1].annotate("label B", (0.5, 0.5))                 # on top of label A
+    problems = plots.figure_problems(fig)
+    text = "\n".join(problems)
+    assert "panel 0: the legend covers plotted data" in text
+    assert "panel 0: the x axis has no label" in text
+    assert "reaches outside the figure" in text
+    assert "'label A'" in text and "overlap" in text
+    with pytest.raises(plots.FigureProblem):
+        plots.check_figure(fig)
+
+
+def test_a_legend_over_the_data_is_moved_beside_the_panel():
+    fig, axes = plots.figure()
+    ax = axes[0, 0]
+    for i in range(4):
+        ax.plot(range(10), [i + 0.1 * v for v in range(10)], label=f"line {i}")
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.legend(loc="center")
+    assert "legend covers" in " ".join(plots.figure_problems(fig))
+    plots.place_legends(fig)
+    assert plots.figure_problems(fig) == []
+
+
+def test_showing_a_defective_figure_raises_when_checks_are_on(monkeypatch):
+    fig, axes = plots.figure()
+    axes[0, 0].plot([0, 1], [0, 1])                            # no axis labels
+    monkeypatch.delenv("DEPTHLAB_FIGURE_CHECK", raising=False)
+    assert fig._repr_png_().startswith(b"\x89PNG")
+    monkeypatch.setenv("DEPTHLAB_FIGURE_CHECK", "1")
+    with pytest.raises(plots.FigureProblem, match="no label"):
+        fig._repr_png_()

@@ -8,6 +8,8 @@ Modules, by concept (each introduced in chapter 0, "Setup and a tour of depthlab
 - ``interop``    loading PyTorch's ``nn.TransformerEncoderLayer`` into a Block, parity checks
 - ``data``       seeded synthetic sequence tasks, scikit-learn's digits, covariate shift
 - ``training``   the one training loop (``dl.train``), with warm-up, clipping, autocast
+- ``ensemble``   one configuration on several seeds (``dl.train_seeds``), seed ensembles
+- ``parallel``   independent runs on every core or torchrun rank (``dl.sweep``)
 - ``hooks``      per-layer gradients, activations and rank collapse of any module
 - ``probes``     probes of depthlab's models against theory (attention, Jacobians)
 - ``callbacks``  measurements during training (update ratios, input drift, smoothness)
@@ -28,10 +30,12 @@ from . import (
     config,
     data,
     diagnostics,
+    ensemble,
     explore,
     hooks,
     interop,
     models,
+    parallel,
     plots,
     probes,
     reference,
@@ -44,6 +48,7 @@ from .callbacks import LayerGradNorms, UpdateRatio
 from .claims import ClaimBook, above, below, between
 from .config import ConfigError, MLPConfig, TrainConfig, TransformerConfig
 from .data import IGNORE, Digits, SequenceTask
+from .ensemble import Run, train_seeds
 from .hooks import (
     LayerProfile,
     find_layers,
@@ -53,6 +58,7 @@ from .hooks import (
 )
 from .interop import config_from_torch_layer, load_torch_encoder_layer, torch_parity
 from .models import Block, DeepMLP, Encoder, SequenceModel, init_weights
+from .parallel import sweep
 from .seeding import seeds
 from .training import (
     Callback,
@@ -68,20 +74,22 @@ from .training import (
 __version__ = "0.2.0.dev0"
 
 __all__ = [
-    "callbacks", "claims", "config", "data", "diagnostics", "explore", "hooks", "interop",
-    "models", "plots", "probes", "reference", "remedies", "seeding", "timing", "training",
+    "callbacks", "claims", "config", "data", "diagnostics", "ensemble", "explore", "hooks",
+    "interop", "models", "parallel", "plots", "probes", "reference", "remedies", "seeding",
+    "timing", "training",
     "Block", "Callback", "ClaimBook", "ConfigError", "DataError", "DeepMLP", "Digits",
     "Encoder", "History", "IGNORE", "LayerGradNorms", "LayerProfile", "MLPConfig",
     "SequenceModel", "SequenceTask", "TrainConfig", "TransformerConfig", "UpdateRatio", "above",
     "below", "between", "config_from_torch_layer", "evaluate", "find_layers",
     "gradient_profile", "init_weights", "load_torch_encoder_layer", "pick_device",
-    "recalibrate_batchnorm", "record", "token_similarity", "torch_parity", "train",
-    "seeds", "train_and_evaluate", "__version__",
+    "recalibrate_batchnorm", "record", "Run", "seeds", "sweep", "token_similarity",
+    "torch_parity", "train", "train_and_evaluate", "train_seeds", "__version__",
 ]
 
 # The modules the tour's API table lists, in reading order (diagnostics is only re-exports).
-API_MODULES = ("seeding", "config", "models", "interop", "data", "training", "hooks", "probes",
-               "callbacks", "remedies", "timing", "plots", "claims", "explore", "reference")
+API_MODULES = ("seeding", "config", "models", "interop", "data", "training", "ensemble",
+               "parallel", "hooks", "probes", "callbacks", "remedies", "timing", "plots",
+               "claims", "explore", "reference")
 
 
 def api_table() -> str:

@@ -1,15 +1,23 @@
-"""Explorers: interactive sweeps that also leave a static figure for the website.
+"""Explorers: interactive sweeps in a notebook, and pre-drawn frames on the website.
 
 ``explorer(plot, controls, defaults)`` draws ``plot(**defaults)``. In a live notebook (Jupyter,
-Colab) it adds one widget per control and redraws on change; on the built website there is no
-kernel, so the book's build sets ``DEPTHLAB_STATIC=1`` and only the default figure is shown,
-with a line telling the reader how to get the interactive version.
+Colab) it adds one widget per control and redraws on change. On the built website there is no
+kernel: the book's build sets ``DEPTHLAB_STATIC=1``, and the explorer draws one frame per
+combination of settings (all of them when there are at most ``max_frames``, or the ones listed
+in ``frames``), embeds them in the page, and a few lines of JavaScript in the book's theme
+(``_static/depthlab.js``) show the frame that matches the controls the reader picks. Plot
+functions used this way should read results the chapter has already computed (or compute
+something cheap at initialisation): nothing should be trained only for the website.
 
 Written against the API common to ipywidgets 7 and 8 (Colab ships 7.7.1).
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import itertools
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -18,6 +26,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 STATIC_ENV = "DEPTHLAB_STATIC"
+MAX_FRAMES = 16
 
 
 def _display(obj: Any) -> None:
@@ -53,16 +62,72 @@ def make_controls(controls: Mapping[str, Sequence], defaults: Mapping[str, Any])
     return made
 
 
+def _key(setting: Mapping[str, Any], names: Sequence[str]) -> str:
+    return "|".join(f"{n}={setting[n]}" for n in names)
+
+
+def frames_html(plot: Callable[..., Figure], controls: Mapping[str, Sequence],
+                defaults: Mapping[str, Any], settings: Sequence[Mapping[str, Any]]) -> str:
+    """The website's explorer: a ``<select>`` per control and one PNG frame per setting.
+
+    ``settings`` lists the combinations drawn; choosing one that was not drawn shows a note.
+    Returns the HTML (the frames as data URLs, the default one shown first).
+    """
+    names = list(controls)
+    frames = {}
+    for setting in settings:
+        fig = plot(**setting)
+        png = fig._repr_png_() if hasattr(fig, "_repr_png_") else _png(fig)
+        plt.close(fig)
+        frames[_key(setting, names)] = "data:image/png;base64," + base64.b64encode(png).decode()
+    default_key = _key(defaults, names)
+    selects = []
+    for n in names:
+        opts = "".join(
+            f"<option value='{html.escape(str(o))}'"
+            f"{' selected' if o == defaults[n] else ''}>{html.escape(str(o))}</option>"
+            for o in controls[n])
+        selects.append(f"<label>{html.escape(n)} <select data-control='{html.escape(n)}'>"
+                       f"{opts}</select></label>")
+    note = (f"{len(frames)} of {len(list(itertools.product(*controls.values())))} settings "
+            "drawn when this page was built; run the notebook (Colab button at the top) to "
+            "explore every setting and change the code.")
+    return (f"<div class='depthlab-explorer' data-names='{html.escape(json.dumps(names))}' "
+            f"data-frames='{html.escape(json.dumps(frames))}'>"
+            f"<div class='depthlab-explorer-controls'>{''.join(selects)}</div>"
+            f"<img class='depthlab-explorer-frame' alt='explorer figure' "
+            f"data-key='{html.escape(default_key)}' src='{frames.get(default_key, '')}'/>"
+            f"<p class='depthlab-explorer-missing' hidden>This setting was not drawn for the "
+            f"website: run the notebook to see it.</p>"
+            f"<p class='depthlab-explorer-note'><em>{html.escape(note)}</em></p></div>")
+
+
+def _png(fig: Figure) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, facecolor="white")
+    return buf.getvalue()
+
+
 def explorer(plot: Callable[..., Figure], controls: Mapping[str, Sequence],
-             defaults: Mapping[str, Any] | None = None, *, static: bool | None = None):
+             defaults: Mapping[str, Any] | None = None, *, static: bool | None = None,
+             frames: Sequence[Mapping[str, Any]] | None = None,
+             max_frames: int = MAX_FRAMES):
     """Show ``plot(**defaults)`` and, in a live kernel, widgets that redraw it.
 
     ``plot`` takes one keyword per control and returns a matplotlib Figure. Returns the widget
-    box (or ``None`` in static mode). ``static=None`` reads ``DEPTHLAB_STATIC``.
+    box (or ``None`` in static mode). ``static=None`` reads ``DEPTHLAB_STATIC``. In static
+    mode the frames drawn are ``frames`` if given, else every combination when there are at
+    most ``max_frames``, else the default alone.
     """
     defaults = dict(defaults or {})
     for name, options in controls.items():
-        defaults.setdefault(name, list(options)[0])
+        options = list(options)
+        defaults.setdefault(name, options[0])
+        if defaults[name] not in options:
+            raise ValueError(f"default {name}={defaults[name]!r} is not one of the options "
+                             f"{options}")
     if static is None:
         static = bool(os.environ.get(STATIC_ENV))
     try:
@@ -70,8 +135,19 @@ def explorer(plot: Callable[..., Figure], controls: Mapping[str, Sequence],
     except ImportError:
         static = True
     if static:
-        _show_figure(plot(**defaults))
-        _display_note(controls)
+        names = list(controls)
+        if frames is None:
+            every = [dict(zip(names, combo)) for combo in itertools.product(*controls.values())]
+            frames = every if len(every) <= max_frames else [defaults]
+        settings = list(frames)
+        if _key(defaults, names) not in {_key(s, names) for s in settings}:
+            settings.insert(0, defaults)
+        try:
+            from IPython.display import HTML
+        except ImportError:
+            _show_figure(plot(**defaults))
+            return None
+        _display(HTML(frames_html(plot, controls, defaults, settings)))
         return None
 
     made = make_controls(controls, defaults)
@@ -83,14 +159,3 @@ def explorer(plot: Callable[..., Figure], controls: Mapping[str, Sequence],
     box = widgets.VBox([widgets.HBox(list(made.values())), out])
     _display(box)
     return box
-
-
-def _display_note(controls: Mapping[str, Sequence]) -> None:
-    names = ", ".join(controls)
-    text = (f"Static figure at the default setting. Run this notebook (Colab button at the "
-            f"top) to change {names} interactively.")
-    try:
-        from IPython.display import Markdown
-        _display(Markdown(f"*{text}*"))
-    except ImportError:
-        print(text)

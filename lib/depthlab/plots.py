@@ -3,10 +3,17 @@
 Figures have a white face colour so they stay readable in the book theme's dark mode, labelled
 axes, and a one-line takeaway under the title. Helpers draw on an ``Axes`` you pass, so they
 compose into multi-panel figures; nothing here changes matplotlib's global settings.
+
+Before a figure is shown, a legend that covers plotted data is moved beside its panel
+(``place_legends``), and ``figure_problems`` lists what a careful reader would object to: text
+outside the figure, a legend over the data, overlapping labels, an axis without a label. With
+``DEPTHLAB_FIGURE_CHECK=1`` (set by the tests and the book's build) showing a figure that has
+such a problem raises, so no chapter can publish one.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -40,9 +47,187 @@ class BookFigure(Figure):
     def _repr_png_(self) -> bytes:
         import io
 
+        place_legends(self)
+        if os.environ.get(CHECK_ENV):
+            check_figure(self)
         buf = io.BytesIO()
         self.savefig(buf, format="png", dpi=100, facecolor="white")
         return buf.getvalue()
+
+
+CHECK_ENV = "DEPTHLAB_FIGURE_CHECK"
+
+
+class FigureProblem(AssertionError):
+    """A figure a reader should not be shown (``figure_problems`` says why)."""
+
+
+def _renderer(fig: Figure):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
+
+
+def _data_boxes(ax: Axes, renderer) -> list:
+    """Display-space boxes of everything plotted in ``ax``: line segments (sampled), markers,
+    bars, filled bands and images. A legend must not sit on any of them."""
+    from matplotlib.collections import PathCollection, PolyCollection
+    from matplotlib.image import AxesImage
+    from matplotlib.patches import Rectangle
+    from matplotlib.transforms import Bbox
+
+    boxes = []
+    clip = ax.get_window_extent(renderer)
+
+    def add_points(xy):
+        xy = np.asarray(xy, dtype=float)
+        xy = xy[np.isfinite(xy).all(axis=1)] if len(xy) else xy
+        for x, y in xy:
+            if clip.contains(x, y):
+                boxes.append(Bbox.from_bounds(x - 1.5, y - 1.5, 3, 3))
+
+    for line in ax.get_lines():
+        if not line.get_visible() or line.get_label() == "_nolegend_" and not len(
+                line.get_xdata()):
+            continue
+        xy = line.get_transform().transform(np.column_stack([line.get_xdata(),
+                                                             line.get_ydata()]))
+        if len(xy) > 1:                           # sample each segment: lines pass between dots
+            t = np.linspace(0, 1, 12)[:, None, None]
+            seg = xy[:-1][None] * (1 - t) + xy[1:][None] * t
+            xy = seg.reshape(-1, 2)
+        add_points(xy)
+    for coll in ax.collections:
+        if isinstance(coll, PathCollection):
+            add_points(coll.get_offset_transform().transform(coll.get_offsets()))
+        elif isinstance(coll, PolyCollection):
+            for path in coll.get_paths():
+                add_points(coll.get_transform().transform(path.vertices))
+    for patch in ax.patches:
+        if isinstance(patch, Rectangle) and patch.get_visible() and patch.get_height() != 0:
+            box = patch.get_window_extent(renderer)
+            if box.width > 0 and box.height > 0:
+                boxes.append(Bbox.intersection(box, clip) or box)
+    for image in ax.images:
+        if isinstance(image, AxesImage):
+            boxes.append(image.get_window_extent(renderer))
+    return boxes
+
+
+def _overlaps(a, b, pad: float = 0.5) -> bool:
+    return (a.x0 + pad < b.x1 and b.x0 + pad < a.x1 and a.y0 + pad < b.y1 and b.y0 + pad < a.y1)
+
+
+def _legend_covers_data(ax: Axes, renderer) -> bool:
+    legend = ax.get_legend()
+    if legend is None or not legend.get_visible():
+        return False
+    box = legend.get_window_extent(renderer)
+    return any(_overlaps(box, d) for d in _data_boxes(ax, renderer))
+
+
+def place_legends(fig: Figure) -> Figure:
+    """Move every legend that covers plotted data out of its panel, to the right of it.
+
+    Matplotlib's ``loc="best"`` minimises the overlap but often cannot avoid it; beside the
+    panel a legend never hides a curve (the constrained layout makes room)."""
+    renderer = None
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None or not legend.get_visible():
+            continue
+        renderer = renderer or _renderer(fig)
+        if _legend_covers_data(ax, renderer):
+            handles, labels = ax.get_legend_handles_labels()
+            ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                      borderaxespad=0.0)
+            renderer = _renderer(fig)
+    return fig
+
+
+def _is_colorbar(ax: Axes) -> bool:
+    return getattr(ax, "_colorbar", None) is not None or ax.get_label() == "<colorbar>"
+
+
+def figure_problems(fig: Figure) -> list[str]:
+    """What is wrong with a figure, in words (empty if nothing): text outside the figure, a
+    legend over plotted data, two labels on top of each other, an axis without a label."""
+    renderer = _renderer(fig)
+    frame = fig.bbox
+    problems = []
+    texts = []                                   # (description, box) of the texts that count
+    if fig._suptitle is not None and fig._suptitle.get_text():
+        texts.append(("takeaway", fig._suptitle))
+    for i, ax in enumerate(fig.axes):
+        if not ax.get_visible() or not ax.axison:
+            continue
+        name = f"panel {i}" + (f" ({ax.get_title()!r})" if ax.get_title() else "")
+        if _is_colorbar(ax):
+            label = ax.get_ylabel() or ax.get_xlabel()
+            if not label:
+                problems.append(f"{name}: a colour bar without a label")
+            continue
+        has_data = bool(ax.get_lines() or ax.collections or ax.patches or ax.images)
+        if has_data and not ax.get_xlabel():
+            problems.append(f"{name}: the x axis has no label")
+        if has_data and not ax.get_ylabel():
+            problems.append(f"{name}: the y axis has no label")
+        for what, t in (("title", ax.title), ("x label", ax.xaxis.label),
+                        ("y label", ax.yaxis.label)):
+            if t.get_text() and t.get_visible():
+                texts.append((f"{name} {what}", t))
+        for t in ax.texts:
+            if t.get_text() and t.get_visible():
+                texts.append((f"{name} annotation {t.get_text()!r}", t))
+        for tick in _drawn_tick_labels(ax):
+            if not _inside(tick.get_window_extent(renderer), frame):
+                problems.append(f"{name}: tick label {tick.get_text()!r} is cut off at the "
+                                "figure's edge")
+        if _legend_covers_data(ax, renderer):
+            problems.append(f"{name}: the legend covers plotted data")
+    boxes = []
+    for what, t in texts:
+        box = t.get_window_extent(renderer)
+        if not _inside(box, frame):
+            problems.append(f"{what} {t.get_text()[:40]!r} reaches outside the figure")
+        boxes.append((what, box))
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1:]:
+            if _overlaps(box_a, box_b, pad=1.0):
+                problems.append(f"{a} and {b} overlap")
+    return problems
+
+
+def _drawn_tick_labels(ax: Axes) -> list:
+    """The tick labels matplotlib actually draws: those within the view limits."""
+    labels = []
+    for axis in (ax.xaxis, ax.yaxis):
+        lo, hi = sorted(axis.get_view_interval())
+        span = (hi - lo) or 1.0
+        for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+            loc = tick.get_loc()
+            if loc is None or not (lo - 1e-9 * span <= loc <= hi + 1e-9 * span):
+                continue
+            for label in (tick.label1, tick.label2):
+                if label.get_visible() and label.get_text():
+                    labels.append(label)
+    return labels
+
+
+def _inside(box, frame, tol: float = 1.0) -> bool:
+    return (box.x0 >= frame.x0 - tol and box.x1 <= frame.x1 + tol
+            and box.y0 >= frame.y0 - tol and box.y1 <= frame.y1 + tol)
+
+
+def check_figure(fig: Figure) -> Figure:
+    """Raise ``FigureProblem`` listing ``figure_problems(fig)``, if there are any."""
+    problems = figure_problems(fig)
+    if problems:
+        raise FigureProblem("this figure has defects:\n- " + "\n- ".join(problems))
+    return fig
 
 
 def _label(ax: Axes, xlabel: str, ylabel: str, title: str | None) -> Axes:
