@@ -106,7 +106,7 @@ class Comparison:
             raise ValueError(f"scale={self.scale!r}; choose 'linear' or 'log'")
         if not self.values:
             raise ValueError(f"{self.quantity!r}: a comparison needs at least one value")
-        if self.over == "seeds" and len(self.values) < MIN_SEEDS:
+        if "seeds" in self.over and len(self.values) < MIN_SEEDS:
             raise ValueError(f"{self.quantity!r} is measured over {len(self.values)} seeds; a "
                              f"stochastic finding needs at least {MIN_SEEDS}")
 
@@ -387,9 +387,10 @@ class ClaimBook:
                 raise ValueError(f"{claim_id}: a finding is measured over at least {MIN_SEEDS} "
                                  "seeds (seeds=...), or says why nothing random is involved "
                                  "(deterministic=...)")
-            if not any(c.over == "seeds" for c in ev + ag):
+            if not any("seeds" in c.over for c in ev + ag):
                 raise ValueError(f"{claim_id}: a finding over seeds needs at least one "
-                                 "comparison with over='seeds' (every seed must satisfy it)")
+                                 "comparison with over='seeds' (or e.g. 'seeds × depths': "
+                                 "every seed must satisfy it)")
         verdict = judge(ev, ag)
         v = Verdict(claim_id, self.chapter, statement, source, expect, verdict, ev, ag, kind,
                     note, seeds, deterministic)

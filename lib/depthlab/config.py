@@ -16,7 +16,8 @@ from typing import Any
 NORM_PLACEMENTS = ("post", "pre", "none")
 NORM_KINDS = ("layer", "batch", "rms", "none")
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "identity")
-INIT_SCHEMES = ("torch", "xavier", "kaiming", "normal", "gpt2")
+INIT_SCHEMES = ("torch", "xavier", "kaiming", "normal", "gpt2", "fan_in", "fan_out",
+                "orthogonal", "constant")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -192,7 +193,9 @@ class MLPConfig(_Config):
     """A deep fully connected network: ``depth`` hidden layers of equal ``width``.
 
     Each hidden layer is ``h = act(norm(W h_prev + b))``; with ``residual`` it becomes
-    ``h = h_prev + act(norm(W h_prev + b))`` (the input projection has no skip).
+    ``h = h_prev + act(norm(W h_prev + b))`` (the input projection has no skip). ``widths``
+    gives the hidden layers different widths instead (chapter 1: Xavier's fan-in/fan-out
+    compromise only shows when a layer's fan-in and fan-out differ).
     """
 
     d_in: int = 64             # input features (digits: 64 pixels)
@@ -207,10 +210,21 @@ class MLPConfig(_Config):
     bias: bool = True          # biases in the linear layers (initialised to zero)
     norm_eps: float = 1e-5
     norm_noise: float = 0.0    # "noisy BatchNorm" strength (chapter 4); needs norm_kind="batch"
+    widths: tuple[int, ...] | None = None  # hidden widths, one per layer; overrides width/depth
 
     def __post_init__(self) -> None:
         for name in ("d_in", "width", "depth", "d_out"):
             _positive_int(self, name)
+        if self.widths is not None:
+            if (not isinstance(self.widths, tuple) or not self.widths
+                    or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
+                               for w in self.widths)):
+                raise ConfigError(f"MLPConfig.widths={self.widths!r} must be a non-empty tuple "
+                                  "of integers >= 1")
+            object.__setattr__(self, "depth", len(self.widths))
+            if self.residual and len(set(self.widths)) > 1:
+                raise ConfigError("MLPConfig.residual=True needs equal widths: a skip adds a "
+                                  "layer's input to its output")
         _choice(self, "activation", ACTIVATIONS)
         _choice(self, "init", INIT_SCHEMES)
         _choice(self, "norm_kind", NORM_KINDS)
@@ -222,6 +236,11 @@ class MLPConfig(_Config):
                               f"norm_kind='batch', got norm_kind={self.norm_kind!r}")
         _boolean(self, "residual")
         _boolean(self, "bias")
+
+    @property
+    def hidden_widths(self) -> tuple[int, ...]:
+        """The width of every hidden layer, input side first."""
+        return self.widths if self.widths is not None else (self.width,) * self.depth
 
 
 @dataclass(frozen=True)

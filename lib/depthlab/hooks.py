@@ -123,6 +123,16 @@ def probing(model: nn.Module, seed: int = 0) -> Iterator[None]:
         yield
 
 
+def to_model(x: Tensor, model: nn.Module) -> Tensor:
+    """``x`` on the model's device, and in its floating-point dtype if ``x`` is floating point
+    (so that a model converted with ``.double()`` is measured in float64 throughout)."""
+    device = device_of(model)
+    if x.is_floating_point():
+        dtype = next((p.dtype for p in model.parameters()), x.dtype)
+        return x.to(device=device, dtype=dtype)
+    return x.to(device)
+
+
 def run_once(model: nn.Module, inputs: Tensor, handles: list) -> None:
     """One forward pass without gradients that leaves the model untouched, then remove the
     hooks in ``handles`` whatever happens."""
@@ -144,7 +154,7 @@ def backward(model: nn.Module, inputs: Tensor, targets: Tensor, *,
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
                 else contextlib.nullcontext())
     with autocast:
-        logits = model(inputs.to(device))
+        logits = model(to_model(inputs, model))
     loss, _ = loss_and_accuracy(logits.float(), targets.to(device))
     (loss * loss_scale).backward()
 
@@ -338,19 +348,71 @@ def gradient_profile(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
         raise ValueError("gradient_profile needs at least one (inputs, targets) batch")
     layers = list(layers) if layers is not None else find_layers(model)
     loss_fn = loss_fn or (lambda out, y: loss_and_accuracy(out, y)[0])
-    device = device_of(model)
     wsum = np.zeros(len(layers))
     with untouched(model), record(model, layers, saturation=saturation,
                                   keep_samples=keep_samples) as rec:
         for x, y in batches:
             model.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x.to(device)), y.to(device))
+            loss = loss_fn(model(to_model(x, model)), to_model(y, model))
             loss.backward()
             wsum += np.array(layer_grad_norms(layers, weight))
     profile = rec.profile(wsum / len(batches))
     if keep_samples:
         profile.recorder = rec  # type: ignore[attr-defined]
     return profile
+
+
+def layer_outputs(model: nn.Module, inputs: Tensor,
+                  layers: Sequence[nn.Module] | None = None) -> list[Tensor]:
+    """The output of each layer for one batch (detached, on the CPU), the model untouched.
+
+    Pass ``layers=[layer.linear for layer in mlp.layers]`` for pre-activations."""
+    model = unwrap(model)
+    layers = list(layers) if layers is not None else find_layers(model)
+    outs: list[Tensor | None] = [None] * len(layers)
+
+    def keep(i: int):
+        def hook(module, args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            outs[i] = out.detach().cpu()
+        return hook
+
+    run_once(model, to_model(inputs, model),
+             [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)])
+    return outs  # type: ignore[return-value]
+
+
+def distinct_values(h: Tensor) -> Tensor:
+    """(units,) how many different values each unit (last axis) takes over a batch.
+
+    A forward-collapse measure: 128 different digits should give a unit up to 128 different
+    values; a unit that takes 2 cannot tell them apart (chapter 1). h: (N, units)."""
+    flat = h.reshape(-1, h.shape[-1])
+    return torch.tensor([len(torch.unique(flat[:, j])) for j in range(flat.shape[1])])
+
+
+def input_independent_share(h: Tensor) -> float:
+    """The share of a layer's power that does not depend on the input: mean over units of
+    (mean over the batch)² divided by the mean of h². 0: every unit is centred over inputs;
+    1: each unit takes the same value whatever the input (chapter 1). h: (N, units)."""
+    flat = h.reshape(-1, h.shape[-1]).double()
+    return float(flat.mean(0).pow(2).mean() / flat.pow(2).mean())
+
+
+def weight_gradient_products(model: nn.Module, batch: tuple[Tensor, Tensor],
+                             layers: Sequence[nn.Module] | None = None) -> np.ndarray:
+    """(L,) ⟨∂L/∂θ_l, θ_l⟩ over each layer's parameters, in float64, the model untouched.
+
+    For a network that is positively homogeneous in each layer's parameters (ReLU, no biases
+    or zero biases), Euler's theorem makes this the same number for every layer: the reason a
+    weight-gradient profile of such a network looks flat whatever its scale (chapter 1)."""
+    model = unwrap(model)
+    layers = list(layers) if layers is not None else find_layers(model)
+    with untouched(model):
+        backward(model, *batch)
+        return np.array([float(sum((p.grad.double() * p.detach().double()).sum()
+                                   for p in layer.parameters() if p.grad is not None))
+                         for layer in layers])
 
 
 def gradient_norms_by_layer(model: nn.Module, batch: tuple[Tensor, Tensor], *,

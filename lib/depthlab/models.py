@@ -426,14 +426,14 @@ class DeepMLP(nn.Module):
         self.cfg = cfg
         seed = default_seed() if seed is None else seed
         with torch.random.fork_rng(devices=[]):
-            dims = [cfg.d_in] + [cfg.width] * cfg.depth
+            dims = [cfg.d_in, *cfg.hidden_widths]
             self.layers = nn.ModuleList(
                 MLPLayer(dims[i], dims[i + 1], cfg.activation, cfg.norm_kind,
                          residual=cfg.residual and i > 0, bias=cfg.bias, eps=cfg.norm_eps,
                          noise=cfg.norm_noise)
                 for i in range(cfg.depth)
             )
-            self.head = nn.Linear(cfg.width, cfg.d_out)
+            self.head = nn.Linear(dims[-1], cfg.d_out)
         init_weights(self, cfg.init, n_layers=cfg.depth, gain=cfg.init_gain, seed=seed)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -453,15 +453,19 @@ def init_weights(model: nn.Module, scheme: str, *, n_layers: int = 1, gain: floa
 
     Which parameters get which scale (fan_in = input features of the layer):
 
-    ========  ==============================================  ==========  ===============
-    scheme    Linear weight                                   Linear bias  Embedding
-    ========  ==============================================  ==========  ===============
-    torch     U(±1/√fan_in)  (nn.Linear's default)            U(±1/√fan_in)  N(0, 1)
-    xavier    U(±√(6/(fan_in+fan_out)))  (Glorot & Bengio)     0           N(0, 1)
-    kaiming   N(0, 2/fan_in)  (He et al. 2015, for ReLU)       0           N(0, 1)
-    normal    N(0, 1)  (the naive choice of chapter 1)         0           N(0, 1)
-    gpt2      N(0, 0.02²); residual outputs N(0, (0.02/√(2L))²)  0         N(0, 0.02²)
-    ========  ==============================================  ==========  ===============
+    ==========  ==============================================  ==========  ===============
+    scheme      Linear weight                                   Linear bias  Embedding
+    ==========  ==============================================  ==========  ===============
+    torch       U(±1/√fan_in)  (nn.Linear's default)            U(±1/√fan_in)  N(0, 1)
+    xavier      U(±√(6/(fan_in+fan_out)))  (Glorot & Bengio)     0           N(0, 1)
+    kaiming     N(0, 2/fan_in)  (He et al. 2015, for ReLU)       0           N(0, 1)
+    normal      N(0, 1)  (the naive choice of chapter 1)         0           N(0, 1)
+    gpt2        N(0, 0.02²); residual outputs N(0, (0.02/√(2L))²)  0         N(0, 0.02²)
+    fan_in      N(0, 1/fan_in)  (LeCun: keeps the forward variance)  0       N(0, 1)
+    fan_out     N(0, 1/fan_out)  (keeps the backward variance)   0           N(0, 1)
+    orthogonal  a random orthogonal matrix (Saxe et al. 2014)    0           N(0, 1)
+    constant    every entry 1/fan_in (no symmetry breaking)      0           N(0, 1)
+    ==========  ==============================================  ==========  ===============
 
     Every Linear weight is then multiplied by ``gain``. Norm layers keep weight 1, bias 0.
     Only the generator seeded here is used, so the caller's global RNG is untouched.
@@ -491,6 +495,13 @@ def init_weights(model: nn.Module, scheme: str, *, n_layers: int = 1, gain: floa
                         if getattr(module, "is_residual_out", False):
                             std /= math.sqrt(2 * n_layers)
                         _fill(w, lambda t, s=std: t.normal_(0.0, s, generator=g))
+                    elif scheme in ("fan_in", "fan_out"):
+                        std = 1.0 / math.sqrt(fan_in if scheme == "fan_in" else fan_out)
+                        _fill(w, lambda t, s=std: t.normal_(0.0, s, generator=g))
+                    elif scheme == "orthogonal":
+                        _fill(w, lambda t: nn.init.orthogonal_(t, generator=g))
+                    elif scheme == "constant":
+                        w.fill_(1.0 / fan_in)
                     else:
                         raise ValueError(f"unknown init scheme {scheme!r}")
                     if module.bias is not None:
@@ -502,6 +513,25 @@ def init_weights(model: nn.Module, scheme: str, *, n_layers: int = 1, gain: floa
             with torch.no_grad():
                 _fill(module.weight, lambda t, s=std: t.normal_(0.0, s, generator=g))
     return model
+
+
+def init_variance(scheme: str, fan_in: int, fan_out: int) -> tuple[float, float]:
+    """The variance of one weight entry and of one bias entry that ``init_weights`` draws
+    for a Linear layer under ``scheme``: what a mean-field prediction starts from (chapter 1).
+    """
+    table = {
+        "torch": (1.0 / (3 * fan_in), 1.0 / (3 * fan_in)),      # U(±a) has variance a²/3
+        "xavier": (2.0 / (fan_in + fan_out), 0.0),
+        "kaiming": (2.0 / fan_in, 0.0),
+        "normal": (1.0, 0.0),
+        "gpt2": (0.02 ** 2, 0.0),
+        "fan_in": (1.0 / fan_in, 0.0),
+        "fan_out": (1.0 / fan_out, 0.0),
+        "orthogonal": (1.0 / max(fan_in, fan_out), 0.0),        # rows or columns of norm 1
+    }
+    if scheme not in table:
+        raise ValueError(f"no variance for init scheme {scheme!r} (constant has none)")
+    return table[scheme]
 
 
 def _fill(param: Tensor, sample) -> None:

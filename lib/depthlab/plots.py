@@ -129,10 +129,15 @@ def _legend_covers_data(ax: Axes, renderer) -> bool:
     return any(_overlaps(box, d) for d in _data_boxes(ax, renderer))
 
 
-def place_legends(fig: Figure) -> Figure:
-    """Move every legend that covers plotted data out of its panel, to the right of it.
+_INSIDE = ("upper right", "upper left", "lower left", "lower right", "center right",
+           "center left", "upper center", "lower center")
 
-    Matplotlib's ``loc="best"`` minimises the overlap but often cannot avoid it; beside the
+
+def place_legends(fig: Figure) -> Figure:
+    """Move every legend that covers plotted data to a corner where it covers none, or, if
+    every corner of its panel is taken, below the panel.
+
+    Matplotlib's ``loc="best"`` minimises the overlap but often cannot avoid it; below the
     panel a legend never hides a curve (the constrained layout makes room)."""
     renderer = None
     for ax in fig.axes:
@@ -140,12 +145,33 @@ def place_legends(fig: Figure) -> Figure:
         if legend is None or not legend.get_visible():
             continue
         renderer = renderer or _renderer(fig)
-        if _legend_covers_data(ax, renderer):
-            handles, labels = ax.get_legend_handles_labels()
-            ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                      borderaxespad=0.0)
+        if not _legend_covers_data(ax, renderer):
+            continue
+        handles, labels = ax.get_legend_handles_labels()
+        for loc in _INSIDE:
+            ax.legend(handles, labels, loc=loc)
+            renderer = _renderer(fig)
+            if not _legend_covers_data(ax, renderer):
+                break
+        else:
+            _legend_below(ax, handles, labels)
             renderer = _renderer(fig)
     return fig
+
+
+def _legend_below(ax: Axes, handles, labels) -> None:
+    """A legend under the panel's x label. Its anchor is in axes units while the label sits
+    a fixed number of pixels below the axes, so the anchor is found again after each layout
+    pass until it stops moving."""
+    legend = ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.25),
+                       ncol=min(len(labels), 2), borderaxespad=0.0, fontsize=7)
+    fig = ax.figure
+    for _ in range(4):
+        renderer = _renderer(fig)
+        below = [ax.xaxis.label.get_window_extent(renderer).y0]
+        below += [t.get_window_extent(renderer).y0 for t in _drawn_tick_labels(ax)]
+        y = ax.transAxes.inverted().transform((0.0, min(below) - 4.0))[1]
+        legend.set_bbox_to_anchor((0.5, y), transform=ax.transAxes)
 
 
 def _is_colorbar(ax: Axes) -> bool:
@@ -166,9 +192,11 @@ def figure_problems(fig: Figure) -> list[str]:
             continue
         name = f"panel {i}" + (f" ({ax.get_title()!r})" if ax.get_title() else "")
         if _is_colorbar(ax):
-            label = ax.get_ylabel() or ax.get_xlabel()
-            if not label:
+            label = ax.yaxis.label if ax.get_ylabel() else ax.xaxis.label
+            if not label.get_text():
                 problems.append(f"{name}: a colour bar without a label")
+            else:
+                texts.append((f"{name} colour-bar label", label))
             continue
         has_data = bool(ax.get_lines() or ax.collections or ax.patches or ax.images)
         if has_data and not ax.get_xlabel():
@@ -182,17 +210,27 @@ def figure_problems(fig: Figure) -> list[str]:
         for t in ax.texts:
             if t.get_text() and t.get_visible():
                 texts.append((f"{name} annotation {t.get_text()!r}", t))
-        for tick in _drawn_tick_labels(ax):
+        ticks = _drawn_tick_labels(ax)
+        for tick in ticks:
             if not _inside(tick.get_window_extent(renderer), frame):
                 problems.append(f"{name}: tick label {tick.get_text()!r} is cut off at the "
                                 "figure's edge")
+        boxes_t = [(t.get_text(), t.get_window_extent(renderer)) for t in ticks]
+        for i, (ta, ba) in enumerate(boxes_t):
+            for tb, bb in boxes_t[i + 1:]:
+                if _overlaps(ba, bb, pad=1.0):
+                    problems.append(f"{name}: tick labels {ta!r} and {tb!r} overlap")
         if _legend_covers_data(ax, renderer):
             problems.append(f"{name}: the legend covers plotted data")
+        legend = ax.get_legend()
+        if legend is not None and legend.get_visible():
+            texts.append((f"{name} legend", legend))
     boxes = []
     for what, t in texts:
         box = t.get_window_extent(renderer)
         if not _inside(box, frame):
-            problems.append(f"{what} {t.get_text()[:40]!r} reaches outside the figure")
+            shown = t.get_text()[:40] if hasattr(t, "get_text") else ""
+            problems.append(f"{what} {shown!r} reaches outside the figure")
         boxes.append((what, box))
     for i, (a, box_a) in enumerate(boxes):
         for b, box_b in boxes[i + 1:]:
@@ -253,7 +291,11 @@ def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float 
         axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
     fig.patch.set_facecolor("white")
     if takeaway:
-        fig.suptitle(takeaway, fontsize=11, fontweight="bold")
+        import textwrap
+
+        # about 12 bold 11-pt characters per inch: wrap so the line never leaves the figure
+        fig.suptitle(textwrap.fill(takeaway, width=max(30, int(width * ncols * 12))),
+                     fontsize=11, fontweight="bold")
     return fig, axes
 
 
@@ -310,7 +352,11 @@ def heatmap(ax: Axes, values: np.ndarray, row_labels: Sequence, col_labels: Sequ
     norm = LogNorm(vmin=vmin, vmax=vmax) if log else None
     im = ax.imshow(v, cmap=cmap, aspect="auto", origin="lower", norm=norm,
                    vmin=None if log else vmin, vmax=None if log else vmax)
-    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
+    cols = [str(c) for c in col_labels]
+    if sum(len(c) for c in cols) > 20:                       # long labels: slant them
+        ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right")
+    else:
+        ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -350,14 +396,14 @@ def versus(ax: Axes, x: Sequence[float], series: Mapping[str, Sequence[float]], 
     """One line per label of y against a shared x (e.g. gradient ratio against depth).
 
     A series may be 1-D (one value per x) or 2-D, (len(x), seeds): then the line is the median
-    over seeds and a shaded band spans the lowest to the highest seed.
+    over seeds and a shaded band spans the lowest to the highest seed (say so in the title).
     """
     marker = "o" if len(list(x)) <= 30 else None           # dots for sweeps, not for curves
     for label, y in series.items():
         v = np.asarray(y, dtype=float)
         if v.ndim == 2:
             line, = ax.plot(list(x), np.median(v, axis=1), marker=marker, markersize=4,
-                            label=f"{label} ({v.shape[1]} seeds: median, range)")
+                            label=label)
             ax.fill_between(list(x), v.min(axis=1), v.max(axis=1), color=line.get_color(),
                             alpha=0.2, linewidth=0)
         else:

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .hooks import find_layers, run_once
-from .models import BatchNorm, MLPLayer, SelfAttention
+from .config import MLPConfig
+from .hooks import backward, find_layers, run_once, unwrap, untouched
+from .models import BatchNorm, MLPLayer, SelfAttention, init_variance
 
 
 def softmax_jacobian_norms(probs: Tensor) -> Tensor:
@@ -70,6 +71,87 @@ def predicted_gradient_factors(model: nn.Module, inputs: Tensor) -> np.ndarray:
         scale = w.norm() / math.sqrt(w.shape[0])
         factors.append(float(scale * dphi.double().pow(2).mean().sqrt()))
     return np.array(factors)
+
+
+_ACTIVATIONS = {
+    "relu": torch.relu, "gelu": torch.nn.functional.gelu, "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid, "identity": lambda z: z,
+}
+
+
+def _gaussian_mean(f: Callable[[Tensor], Tensor], q: float, points: int = 40001) -> float:
+    """E[f(z)] for z ~ N(0, q), on a fine grid over ±10 standard deviations (float64).
+
+    A grid, not Gauss-Hermite quadrature: φ'(z)² of tanh or sigmoid is a bump of width ~1,
+    which a few quadrature nodes spread over ±√q·13 miss entirely once q is large."""
+    sd = math.sqrt(max(q, 1e-30))
+    z = torch.linspace(-10 * sd, 10 * sd, points, dtype=torch.float64)
+    density = torch.exp(-0.5 * (z / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+    return float(torch.trapezoid(f(z) * density, z))
+
+
+def mean_field_factors(cfg: MLPConfig, input_second_moment: float) -> np.ndarray:
+    """The a-priori prediction of ``LayerProfile.measured_factors()`` for a plain ``DeepMLP``.
+
+    No model is looked at: only the configuration. The variance recursion of mean-field
+    theory (Poole et al. 2016; Schoenholz et al. 2017) follows the pre-activation variance
+    q_l of a random network layer by layer,
+
+        q_1 = n_0·Var(W)·m_0 + Var(b),     q_l = n_{l-1}·Var(W_l)·E[φ(z)²] + Var(b),
+        z ~ N(0, q_{l-1}),
+
+    from the input's mean square m_0, and predicts that backpropagating through layer l
+    scales the gradient's norm by √(n_l·Var(W_l)·E[φ'(z)²]) with z ~ N(0, q_l). Returns the
+    (L-1,) factors for layers 1..L-1. The measured-weights version of the same product is
+    ``predicted_gradient_factors``.
+    """
+    if cfg.residual or cfg.norm_kind != "none":
+        raise ValueError("the mean-field recursion here is for plain MLP layers (no norm, no "
+                         "residual)")
+    act = _ACTIVATIONS[cfg.activation]
+
+    def slope_sq(z: Tensor) -> Tensor:
+        z = z.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(act(z).sum(), z)
+        return g.pow(2)
+
+    dims = [cfg.d_in, *cfg.hidden_widths]
+    gain2 = cfg.init_gain ** 2
+    q, qs = None, []
+    for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+        w_var, b_var = init_variance(cfg.init, fan_in, fan_out)
+        second = input_second_moment if q is None else _gaussian_mean(lambda z: act(z) ** 2, q)
+        q = fan_in * gain2 * w_var * second + b_var
+        qs.append(q)
+    factors = []
+    for l in range(1, len(qs)):
+        fan_in, fan_out = dims[l], dims[l + 1]
+        w_var, _ = init_variance(cfg.init, fan_in, fan_out)
+        # ∂L/∂h_{l-1} = W_lᵀ D_l ∂L/∂h_l: E‖W_lᵀ v‖² = fan_out·Var(W)·‖v‖² ... per column
+        chi = fan_out * gain2 * w_var * _gaussian_mean(slope_sq, qs[l])
+        factors.append(np.sqrt(chi))
+    return np.array(factors)
+
+
+def attention_weight_gradients(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict:
+    """Norm of the gradient of each block's query, key and value weights, for one batch.
+
+    Returns {"query": (L,), "key": (L,), "value": (L,)} arrays, float64, one entry per
+    ``SelfAttention`` in order: the score path (query, key) and the value path of attention
+    measured apart (chapter 1). The model is left untouched.
+    """
+    model = unwrap(model)
+    attns = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    if not attns:
+        raise ValueError(f"{type(model).__name__} has no depthlab SelfAttention")
+    out: dict[str, list[float]] = {"query": [], "key": [], "value": []}
+    with untouched(model):
+        backward(model, *batch)
+        for a in attns:
+            g = a.qkv.weight.grad.detach().double()            # (3D, D): q, k, v stacked
+            for name, part in zip(out, g.chunk(3, dim=0)):
+                out[name].append(float(part.norm()))
+    return {k: np.array(v) for k, v in out.items()}
 
 
 def jacobian_singular_values(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
