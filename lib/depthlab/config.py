@@ -211,6 +211,8 @@ class MLPConfig(_Config):
     norm_eps: float = 1e-5
     norm_noise: float = 0.0    # "noisy BatchNorm" strength (chapter 4); needs norm_kind="batch"
     widths: tuple[int, ...] | None = None  # hidden widths, one per layer; overrides width/depth
+    branch_gain: float = 1.0   # β in h + β·branch(h) for residual layers (1/√depth, 0: SkipInit)
+    learn_branch_gain: bool = False  # β a trainable scalar per layer (SkipInit: De & Smith 2020)
 
     def __post_init__(self) -> None:
         for name in ("d_in", "width", "depth", "d_out"):
@@ -236,6 +238,11 @@ class MLPConfig(_Config):
                               f"norm_kind='batch', got norm_kind={self.norm_kind!r}")
         _boolean(self, "residual")
         _boolean(self, "bias")
+        _number(self, "branch_gain", 0.0)
+        _boolean(self, "learn_branch_gain")
+        if (self.branch_gain != 1.0 or self.learn_branch_gain) and not self.residual:
+            raise ConfigError("MLPConfig.branch_gain and learn_branch_gain scale the residual "
+                              "branch: they need residual=True")
 
     @property
     def hidden_widths(self) -> tuple[int, ...]:

@@ -397,11 +397,17 @@ class SequenceModel(nn.Module):
 
 
 class MLPLayer(nn.Module):
-    """h -> act(norm(W h + b)), plus h itself when ``residual``. h: (B, d_in) -> (B, d_out)."""
+    """h -> act(norm(W h + b)); with ``residual``, h + β·act(norm(W h + b)).
+
+    β (``branch_gain``) is 1 by default; 1/√L keeps the stream's variance bounded over L
+    layers, and a trainable β that starts at 0 is SkipInit (De & Smith 2020; chapter 2).
+    h: (B, d_in) -> (B, d_out).
+    """
 
     def __init__(self, d_in: int, d_out: int, activation: str, norm_kind: str,
                  residual: bool, bias: bool = True, eps: float = 1e-5,
-                 noise: float = 0.0) -> None:
+                 noise: float = 0.0, branch_gain: float = 1.0,
+                 learn_branch_gain: bool = False) -> None:
         super().__init__()
         if residual and d_in != d_out:
             raise ValueError("a residual MLPLayer needs d_in == d_out")
@@ -409,10 +415,20 @@ class MLPLayer(nn.Module):
         self.norm = make_norm(norm_kind, d_out, eps, noise)
         self.act = make_activation(activation)
         self.residual = residual
+        self.branch_gain = (nn.Parameter(torch.tensor(float(branch_gain)))
+                            if learn_branch_gain else float(branch_gain))
+
+    def branch(self, h: Tensor) -> Tensor:
+        """act(norm(W h + b)), without the skip and without β."""
+        return self.act(self.norm(self.linear(h)))
 
     def forward(self, h: Tensor) -> Tensor:
-        out = self.act(self.norm(self.linear(h)))
-        return h + out if self.residual else out
+        out = self.branch(h)
+        if not self.residual:
+            return out
+        if isinstance(self.branch_gain, Tensor) or self.branch_gain != 1.0:
+            out = self.branch_gain * out
+        return h + out
 
 
 class DeepMLP(nn.Module):
@@ -430,7 +446,8 @@ class DeepMLP(nn.Module):
             self.layers = nn.ModuleList(
                 MLPLayer(dims[i], dims[i + 1], cfg.activation, cfg.norm_kind,
                          residual=cfg.residual and i > 0, bias=cfg.bias, eps=cfg.norm_eps,
-                         noise=cfg.norm_noise)
+                         noise=cfg.norm_noise, branch_gain=cfg.branch_gain if i > 0 else 1.0,
+                         learn_branch_gain=cfg.learn_branch_gain and i > 0)
                 for i in range(cfg.depth)
             )
             self.head = nn.Linear(dims[-1], cfg.d_out)

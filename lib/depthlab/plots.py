@@ -138,40 +138,81 @@ def place_legends(fig: Figure) -> Figure:
     every corner of its panel is taken, below the panel.
 
     Matplotlib's ``loc="best"`` minimises the overlap but often cannot avoid it; below the
-    panel a legend never hides a curve (the constrained layout makes room)."""
-    renderer = None
+    panel a legend never hides a curve (the constrained layout makes room). Moving one legend
+    can resize every panel, so the pass is repeated until nothing moves."""
+    for _ in range(3):
+        if not _place_legends_once(fig):
+            break
+    return fig
+
+
+def _place_legends_once(fig: Figure) -> bool:
+    """One pass of ``place_legends``; True if a legend was moved.
+
+    One draw gives every panel's data boxes and every legend's size; the candidate corners
+    are then placed by arithmetic (a legend inside a panel does not change the layout), so a
+    pass costs one draw, not one per corner tried."""
+    renderer = _renderer(fig)
+    below, moved = [], False
     for ax in fig.axes:
         legend = ax.get_legend()
         if legend is None or not legend.get_visible():
             continue
-        renderer = renderer or _renderer(fig)
-        if not _legend_covers_data(ax, renderer):
+        if getattr(legend, "_depthlab_below", False):
+            below.append(ax)
             continue
+        data = _data_boxes(ax, renderer)
+        box = legend.get_window_extent(renderer)
+        if not any(_overlaps(box, d) for d in data):
+            continue
+        moved = True
         handles, labels = ax.get_legend_handles_labels()
+        pad = legend.borderaxespad * legend.prop.get_size_in_points() * fig.dpi / 72
         for loc in _INSIDE:
-            ax.legend(handles, labels, loc=loc)
-            renderer = _renderer(fig)
-            if not _legend_covers_data(ax, renderer):
+            candidate = _corner_box(loc, box.width, box.height, ax.bbox, pad)
+            if not any(_overlaps(candidate, d) for d in data):
+                ax.legend(handles, labels, loc=loc)
                 break
         else:
-            _legend_below(ax, handles, labels)
-            renderer = _renderer(fig)
-    return fig
+            legend = ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.25),
+                               ncol=min(len(labels), 2), borderaxespad=0.0, fontsize=7)
+            legend._depthlab_below = True
+            below.append(ax)
+    if below:
+        _anchor_below(fig, below)
+    return moved
 
 
-def _legend_below(ax: Axes, handles, labels) -> None:
-    """A legend under the panel's x label. Its anchor is in axes units while the label sits
-    a fixed number of pixels below the axes, so the anchor is found again after each layout
-    pass until it stops moving."""
-    legend = ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.25),
-                       ncol=min(len(labels), 2), borderaxespad=0.0, fontsize=7)
-    fig = ax.figure
-    for _ in range(4):
+def _corner_box(loc: str, width: float, height: float, parent, pad: float):
+    """Where matplotlib puts a legend of this size at ``loc`` inside ``parent`` (display)."""
+    from matplotlib.transforms import Bbox
+
+    vertical, _, horizontal = loc.partition(" ")
+    x0 = {"left": parent.x0 + pad, "right": parent.x1 - pad - width,
+          "center": (parent.x0 + parent.x1 - width) / 2}[horizontal]
+    y0 = {"lower": parent.y0 + pad, "upper": parent.y1 - pad - height,
+          "center": (parent.y0 + parent.y1 - height) / 2}[vertical]
+    return Bbox.from_bounds(x0, y0, width, height)
+
+
+def _anchor_below(fig: Figure, axes: list) -> None:
+    """Put each of these legends just under its panel's x label. The anchor is in axes units
+    while the label sits a fixed number of pixels below the axes, and every layout pass can
+    resize every panel, so the anchors are found again until they stop moving."""
+    for _ in range(6):
         renderer = _renderer(fig)
-        below = [ax.xaxis.label.get_window_extent(renderer).y0]
-        below += [t.get_window_extent(renderer).y0 for t in _drawn_tick_labels(ax)]
-        y = ax.transAxes.inverted().transform((0.0, min(below) - 4.0))[1]
-        legend.set_bbox_to_anchor((0.5, y), transform=ax.transAxes)
+        moved = 0.0
+        for ax in axes:
+            legend = ax.get_legend()
+            under = [ax.xaxis.label.get_window_extent(renderer).y0]
+            under += [t.get_window_extent(renderer).y0 for t in _drawn_tick_labels(ax)]
+            y = float(ax.transAxes.inverted().transform((0.0, min(under) - 4.0))[1])
+            old = getattr(legend, "_depthlab_y", None)
+            moved = max(moved, 1.0 if old is None else abs(old - y))
+            legend._depthlab_y = y
+            legend.set_bbox_to_anchor((0.5, y), transform=ax.transAxes)
+        if moved < 1e-3:
+            break
 
 
 def _is_colorbar(ax: Axes) -> bool:
@@ -293,8 +334,8 @@ def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float 
     if takeaway:
         import textwrap
 
-        # about 12 bold 11-pt characters per inch: wrap so the line never leaves the figure
-        fig.suptitle(textwrap.fill(takeaway, width=max(30, int(width * ncols * 12))),
+        # 10-12 bold 11-pt characters per inch: wrap so the line never leaves the figure
+        fig.suptitle(textwrap.fill(takeaway, width=max(30, int(width * ncols * 10.5))),
                      fontsize=11, fontweight="bold")
     return fig, axes
 

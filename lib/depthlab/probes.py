@@ -154,6 +154,55 @@ def attention_weight_gradients(model: nn.Module, batch: tuple[Tensor, Tensor]) -
     return {k: np.array(v) for k, v in out.items()}
 
 
+def path_gradient_norms(model: nn.Module, inputs: Tensor, targets: Tensor, *,
+                        samples: int = 20, seed: int = 0) -> np.ndarray:
+    """Veit et al.'s measure: how much gradient flows along residual paths of each length.
+
+    A residual ``DeepMLP`` computes h_l = h_{l-1} + F_l(h_{l-1}) for its layers 1..L-1, so the
+    gradient reaching layer 0 is a sum over 2^(L-1) paths, each through the branches of one
+    subset of blocks (the identity elsewhere). For each path length k, ``samples`` random
+    subsets of k blocks are drawn and the loss gradient is sent back through those branches
+    only (their Jacobians at this batch's activations); returns (L,) the mean norm of that
+    path gradient for k = 0..L-1. Multiply by C(L-1, k) for the total flowing along all paths
+    of length k (chapter 2). The model is left untouched.
+    """
+    from torch.func import vjp
+
+    from .training import loss_and_accuracy
+
+    layers = list(find_layers(model))
+    if not all(isinstance(m, MLPLayer) for m in layers) or not all(
+            m.residual for m in layers[1:]):
+        raise ValueError("path_gradient_norms needs a residual DeepMLP")
+    with untouched(model):
+        h = [inputs.to(next(model.parameters()).device)]
+        with torch.no_grad():
+            for layer in layers:
+                h.append(layer(h[-1]))                     # h[l + 1] is layer l's output
+        top = h[-1].clone().requires_grad_(True)
+        loss, _ = loss_and_accuracy(model.head(top), targets.to(top.device))
+        (g_top,) = torch.autograd.grad(loss, top)
+        branch_vjp = []
+        for l in range(1, len(layers)):
+            layer = layers[l]
+            _, f = vjp(lambda x, m=layer: m.branch_gain * m.branch(x), h[l])
+            branch_vjp.append(f)
+        n_blocks = len(branch_vjp)
+        rng = np.random.default_rng(seed)
+        norms = np.zeros(n_blocks + 1)
+        for k in range(n_blocks + 1):
+            total = 0.0
+            for _ in range(samples if 0 < k < n_blocks else 1):
+                chosen = set(rng.choice(n_blocks, size=k, replace=False).tolist())
+                g = g_top
+                for i in reversed(range(n_blocks)):
+                    if i in chosen:
+                        (g,) = branch_vjp[i](g)
+                total += float(g.detach().double().norm())
+            norms[k] = total / (samples if 0 < k < n_blocks else 1)
+    return norms
+
+
 def jacobian_singular_values(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """Singular values of the Jacobian of ``fn`` at ``x``, computed with autograd.
 
