@@ -61,6 +61,40 @@ class UpdateRatio(Callback):
         return np.stack(self.log10) if self.log10 else np.zeros((0, 0))
 
 
+class WeightNorms(Callback):
+    """The norm of each layer's weight matrices, and of their gradient, at every step.
+
+    ``start`` (L,) holds the norms before training; ``weight`` and ``grad`` are lists of (L,)
+    arrays, one per step, read after the optimiser's step (the gradient is the one that step
+    used). Chapter 3 uses it to watch weights that feed a norm layer grow under SGD: their
+    gradient is orthogonal to them, so every step can only lengthen them.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module] | None = None) -> None:
+        self._layers = list(layers) if layers is not None else None
+        self.start = np.zeros(0)
+        self.weight: list[np.ndarray] = []
+        self.grad: list[np.ndarray] = []
+
+    def _matrices(self, model: nn.Module) -> list[list[Tensor]]:
+        layers = self._layers if self._layers is not None else find_layers(model)
+        return [[p for p in layer.parameters() if p.dim() >= 2] for layer in layers]
+
+    @staticmethod
+    def _norm(tensors: list[Tensor]) -> float:
+        return math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in tensors))
+
+    def on_train_start(self, model: nn.Module) -> None:
+        self.start = np.array([self._norm(ws) for ws in self._matrices(model)])
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        mats = self._matrices(model)
+        self.weight.append(np.array([self._norm(ws) for ws in mats]))
+        self.grad.append(np.array([self._norm([w.grad for w in ws if w.grad is not None])
+                                   for ws in mats]))
+        return None
+
+
 class LayerGradNorms(Callback):
     """Records the per-layer activation-gradient norms at every step of a training run.
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 NORM_PLACEMENTS = ("post", "pre", "none")
-NORM_KINDS = ("layer", "batch", "rms", "none")
+NORM_KINDS = ("layer", "batch", "rms", "group", "none")
+NORM_GROUPS = 8                # GroupNorm: features are split into this many groups
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "identity")
 INIT_SCHEMES = ("torch", "xavier", "kaiming", "normal", "gpt2", "fan_in", "fan_out",
                 "orthogonal", "constant")
@@ -125,7 +126,7 @@ class TransformerConfig(_Config):
     n_layers: int = 6          # depth L (number of blocks)
     mlp_ratio: float = 4.0     # hidden width of the MLP is mlp_ratio * D
     norm_placement: str = "pre"  # "post" (Vaswani 2017), "pre" (Xiong 2020) or "none"
-    norm_kind: str = "layer"   # "layer", "batch", "rms" or "none"
+    norm_kind: str = "layer"   # "layer", "batch", "rms", "group" (8 groups) or "none"
     residual: bool = True      # False removes both skip connections of every block
     alpha_sa: float = 1.0      # gain on the skip of the attention sub-block
     beta_sa: float = 1.0       # gain on the attention branch
@@ -153,6 +154,9 @@ class TransformerConfig(_Config):
         _number(self, "mlp_ratio", 0.0, low_open=True)
         _choice(self, "norm_placement", NORM_PLACEMENTS)
         _choice(self, "norm_kind", NORM_KINDS)
+        if self.norm_kind == "group" and self.d_model % NORM_GROUPS:
+            raise ConfigError(f"TransformerConfig.d_model={self.d_model} must be divisible by "
+                              f"{NORM_GROUPS} for norm_kind='group'")
         _choice(self, "activation", ACTIVATIONS)
         _choice(self, "init", INIT_SCHEMES)
         for name in ("alpha_sa", "beta_sa", "alpha_ff", "beta_ff", "init_gain"):
@@ -205,7 +209,8 @@ class MLPConfig(_Config):
     activation: str = "relu"   # one of ACTIVATIONS
     init: str = "torch"        # one of INIT_SCHEMES ("gpt2" means N(0, 0.02))
     init_gain: float = 1.0     # multiplies every weight matrix after initialisation
-    norm_kind: str = "none"    # norm before each activation: "layer", "batch", "rms" or "none"
+    norm_kind: str = "none"    # norm before each activation: "layer", "batch", "rms", "group"
+    #                            (GroupNorm, 8 groups of features) or "none"
     residual: bool = False     # skip connection around each hidden layer after the first
     bias: bool = True          # biases in the linear layers (initialised to zero)
     norm_eps: float = 1e-5
@@ -230,6 +235,9 @@ class MLPConfig(_Config):
         _choice(self, "activation", ACTIVATIONS)
         _choice(self, "init", INIT_SCHEMES)
         _choice(self, "norm_kind", NORM_KINDS)
+        if self.norm_kind == "group" and any(w % NORM_GROUPS for w in self.hidden_widths):
+            raise ConfigError(f"MLPConfig widths must be divisible by {NORM_GROUPS} for "
+                              "norm_kind='group'")
         _number(self, "init_gain", 0.0)
         _number(self, "norm_eps", 0.0, low_open=True)
         _number(self, "norm_noise", 0.0)

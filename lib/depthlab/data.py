@@ -41,6 +41,7 @@ class SequenceTask:
     vocab: int = 16            # vocabulary including the separator token
     batch_size: int = 32
     seed: int | None = None    # None = depthlab.seeding.default_seed()
+    min_n: int | None = None   # variable lengths min_n..n, padded with ``pad``; None = fixed
 
     def __post_init__(self) -> None:
         from .config import ConfigError
@@ -52,6 +53,11 @@ class SequenceTask:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"SequenceTask.{name}={v!r} must be an integer >= {low}")
+        if self.min_n is not None and (isinstance(self.min_n, bool)
+                                       or not isinstance(self.min_n, int)
+                                       or not 1 <= self.min_n <= self.n):
+            raise ConfigError(f"SequenceTask.min_n={self.min_n!r} must be None or an integer "
+                              f"in [1, n={self.n}]")
 
     @property
     def seq_len(self) -> int:
@@ -61,20 +67,44 @@ class SequenceTask:
     def sep(self) -> int:
         return self.vocab - 1
 
+    @property
+    def pad(self) -> int:
+        """The padding token of variable-length batches: ``vocab``, outside the task's own
+        symbols (so a model needs ``vocab_size = vocab + 1``)."""
+        return self.vocab
+
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """A fresh batch drawn with ``generator``."""
+        if self.min_n is not None:
+            return self._sample_variable(batch_size, generator)
         x = torch.randint(0, self.vocab - 1, (batch_size, self.n), generator=generator)
-        if self.kind == "sort":
-            y = torch.sort(x, dim=1).values
-        elif self.kind == "reverse":
-            y = torch.flip(x, dims=[1])
-        else:
-            y = x
+        y = self._answer(x)
         sep = torch.full((batch_size, 1), self.sep)
         seq = torch.cat([x, sep, y], dim=1)                    # (B, 2n + 1)
         inputs = seq[:, :-1]                                   # (B, 2n)
         targets = seq[:, 1:].clone()                           # (B, 2n), next token
         targets[:, : self.n] = IGNORE                          # no loss on the question
+        return inputs, targets
+
+    def _answer(self, x: Tensor) -> Tensor:
+        if self.kind == "sort":
+            return torch.sort(x, dim=-1).values
+        if self.kind == "reverse":
+            return torch.flip(x, dims=[-1])
+        return x
+
+    def _sample_variable(self, batch_size: int, generator: torch.Generator):
+        """Lengths drawn from min_n..n; each sequence ``x SEP y`` padded at the end with
+        ``pad`` to 2n tokens (padding carries no target)."""
+        lengths = torch.randint(self.min_n, self.n + 1, (batch_size,), generator=generator)
+        inputs = torch.full((batch_size, 2 * self.n), self.pad)
+        targets = torch.full((batch_size, 2 * self.n), IGNORE)
+        symbols = torch.randint(0, self.vocab - 1, (batch_size, self.n), generator=generator)
+        for i, k in enumerate(lengths.tolist()):
+            x = symbols[i, :k]
+            seq = torch.cat([x, torch.tensor([self.sep]), self._answer(x)])   # (2k + 1,)
+            inputs[i, :2 * k] = seq[:-1]
+            targets[i, k:2 * k] = seq[k + 1:]                 # the answer positions only
         return inputs, targets
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:

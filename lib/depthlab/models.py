@@ -139,16 +139,54 @@ class BatchNorm(nn.Module):
         return batch_norm(flat, self.weight, self.bias, self.eps).reshape(x.shape)
 
 
+class GroupNorm(nn.Module):
+    """LayerNorm within each of ``groups`` groups of features (Wu & He 2018). x: (..., D).
+
+    Like LayerNorm it works per example, so it does not care about the batch size; with one
+    group it is LayerNorm. (In a CNN its groups also pool the spatial positions.)"""
+
+    def __init__(self, d: int, groups: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.groups, self.eps = groups, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])                     # (N, D)
+        return F.group_norm(flat, self.groups, self.weight, self.bias, self.eps).reshape(x.shape)
+
+
+@torch.no_grad()
+def fold_batchnorm(linear: nn.Linear, bn: nn.Module) -> nn.Linear:
+    """A new Linear computing ``bn(linear(x))`` with ``bn`` in eval mode, in one layer.
+
+    In eval mode BatchNorm is an affine map per feature, y = γ·(z − μ̂)/√(σ̂² + ε) + β, so it
+    can be folded into the preceding layer: W' = diag(s)·W and b' = s·(b − μ̂) + β with
+    s = γ/√(σ̂² + ε). Inference then costs nothing extra (chapter 3). Works for depthlab's
+    ``BatchNorm`` and ``nn.BatchNorm1d``."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)              # (D,)
+    bias = linear.bias if linear.bias is not None else torch.zeros_like(bn.running_mean)
+    folded = nn.Linear(linear.in_features, linear.out_features, bias=True)
+    folded.to(linear.weight.device, linear.weight.dtype)
+    folded.weight.copy_(linear.weight * scale[:, None])
+    folded.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return folded
+
+
 def make_norm(kind: str, d: int, eps: float = 1e-5, noise: float = 0.0) -> nn.Module:
     """The norm layer named by a config's ``norm_kind``; "none" gives ``nn.Identity``.
 
     ``noise`` > 0 makes a noisy BatchNorm (see ``BatchNorm._add_noise``); batch only."""
+    from .config import NORM_GROUPS
+
     if kind == "layer":
         return LayerNorm(d, eps)
     if kind == "rms":
         return RMSNorm(d, eps)
     if kind == "batch":
         return BatchNorm(d, eps, noise=noise)
+    if kind == "group":
+        return GroupNorm(d, NORM_GROUPS, eps)
     return nn.Identity()
 
 
