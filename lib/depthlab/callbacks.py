@@ -162,11 +162,18 @@ class InputDrift(Callback):
     summarised by its per-feature mean and standard deviation. ``self.mean[r][l]`` and
     ``self.std[r][l]`` are (D_l,) arrays for record r (at ``self.steps[r]``) and layer l.
     ``drift()`` turns them into one number per layer (chapter 4).
+
+    ``mode="train"`` passes the probe in training mode, where BatchNorm standardises the probe
+    batch itself, so a BatchNorm network's next layer sees mean 0 and sd 1 by construction (up
+    to γ, β). ``mode="eval"`` uses the running statistics, as at inference, so a BatchNorm
+    network can drift too.
     """
 
     def __init__(self, probe: Tensor, layers: Sequence[nn.Module] | None = None,
-                 every: int = 10) -> None:
-        self.probe, self._layers, self.every = probe, layers, every
+                 every: int = 10, mode: str = "train") -> None:
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode={mode!r}; choose 'train' or 'eval'")
+        self.probe, self._layers, self.every, self.mode = probe, layers, every, mode
         self.steps: list[int] = []
         self.mean: list[list[np.ndarray]] = []
         self.std: list[list[np.ndarray]] = []
@@ -183,7 +190,7 @@ class InputDrift(Callback):
             return hook
 
         handles = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
-        with probing(model, seed=step):
+        with probing(model, seed=step, train=self.mode == "train"):
             run_once(model, self.probe.to(device_of(model)), handles)
         self.steps.append(step)
         self.mean.append([s.mean(0).cpu().numpy() for s in seen])
@@ -209,10 +216,11 @@ class GradientICS(Callback):
 
     Every ``every`` steps, on the probe batch: G_l is the gradient of layer l's parameters;
     G'_l is the same gradient after every earlier layer has taken a gradient step of size
-    ``lr`` (layer l and later ones unchanged). Records ‖G_l − G'_l‖ / ‖G_l‖ (``relative``) and
-    the cosine between them (``cosine``): how much a layer's gradient changes because the
-    layers before it moved. Lists of (L,) arrays, one per record (layer 0 has no earlier layer:
-    0 and 1).
+    ``lr`` (layer l and later ones unchanged). Records ‖G_l − G'_l‖₂ (``absolute``, the
+    measure the paper plots, with the cosine), ‖G_l − G'_l‖ / ‖G_l‖ (``relative``) and the
+    cosine between them (``cosine``): how much a layer's gradient changes because the layers
+    before it moved. Lists of (L,) arrays, one per record (layer 0 has no earlier layer:
+    0, 0 and 1).
     """
 
     def __init__(self, probe: tuple[Tensor, Tensor], lr: float,
@@ -220,6 +228,7 @@ class GradientICS(Callback):
         self.probe, self.lr, self._layers, self.every = probe, lr, layers, every
         self.steps: list[int] = []
         self.relative: list[np.ndarray] = []
+        self.absolute: list[np.ndarray] = []
         self.cosine: list[np.ndarray] = []
 
     def before_step(self, step: int, model: nn.Module) -> None:
@@ -234,36 +243,45 @@ class GradientICS(Callback):
         for ps in params:
             grads.append(flat_grads[k:k + len(ps)])
             k += len(ps)
-        rel, cos = [0.0], [1.0]
+        rel, ab, cos = [0.0], [0.0], [1.0]
         for i in range(1, len(layers)):
             earlier = [(p, g) for ps, gs in zip(params[:i], grads[:i]) for p, g in zip(ps, gs)]
             with _stepped(earlier, self.lr):
                 _, moved = _loss_grads(model, params[i], x, y, seed=step)
             g0, g1 = _flat(grads[i]), _flat(moved)
-            rel.append(float((g0 - g1).norm() / (g0.norm() + 1e-30)))
+            ab.append(float((g0 - g1).norm()))
+            rel.append(ab[-1] / (float(g0.norm()) + 1e-30))
             cos.append(float(torch.nn.functional.cosine_similarity(g0, g1, dim=0)))
         self.steps.append(step)
         self.relative.append(np.array(rel))
+        self.absolute.append(np.array(ab))
         self.cosine.append(np.array(cos))
 
 
 class Smoothness(Callback):
     """The loss landscape along the gradient, every ``every`` steps (Santurkar et al. 2018).
 
-    From the current parameters θ with probe gradient g, step to θ − η·g for each step size η
+    From the current parameters θ with probe gradient g, step to θ − η·d for each step size η
     in ``step_sizes`` and record: ``loss_range``, the spread (max − min) of the loss over those
     points (how much the loss varies where an optimiser might step), and ``beta``, the largest
-    ‖∇L(θ) − ∇L(θ − η·g)‖ / ‖η·g‖, an effective smoothness constant (how fast the gradient
-    changes, i.e. how far the current gradient can be trusted). Lists of floats.
+    ‖∇L(θ) − ∇L(θ − η·d)‖ / ‖η·d‖, an effective smoothness constant (how fast the gradient
+    changes, i.e. how far the current gradient can be trusted); also ``grad_norm``, ‖g‖.
+
+    The direction d is g itself (``normalised=False``, the paper's probe: a step of η·‖g‖ in
+    parameter space, so a network with a larger gradient is probed farther) or the unit vector
+    g/‖g‖ (``normalised=True``: every network is probed at the same distances, and the loss
+    range compares landscapes rather than gradient sizes). Lists of floats.
     """
 
     def __init__(self, probe: tuple[Tensor, Tensor],
                  step_sizes: Sequence[float] = (0.05, 0.1, 0.2, 0.4),
-                 every: int = 10) -> None:
+                 every: int = 10, normalised: bool = False) -> None:
         self.probe, self.step_sizes, self.every = probe, tuple(step_sizes), every
+        self.normalised = normalised
         self.steps: list[int] = []
         self.loss_range: list[float] = []
         self.beta: list[float] = []
+        self.grad_norm: list[float] = []
 
     def before_step(self, step: int, model: nn.Module) -> None:
         if step % self.every:
@@ -273,14 +291,17 @@ class Smoothness(Callback):
         x, y = (t.to(device) for t in self.probe)
         loss0, g0 = _loss_grads(model, params, x, y, seed=step)
         g0_flat = _flat(g0)
+        norm = float(g0_flat.norm())
+        scale = 1.0 / max(norm, 1e-30) if self.normalised else 1.0      # d = scale · g
         losses, betas = [loss0], []
         for eta in self.step_sizes:
-            with _stepped(list(zip(params, g0)), eta):
+            with _stepped(list(zip(params, g0)), eta * scale):
                 loss_m, g_m = _loss_grads(model, params, x, y, seed=step)
             losses.append(loss_m)
-            distance = eta * float(g0_flat.norm())
+            distance = eta * scale * norm
             betas.append(float((_flat(g_m) - g0_flat).norm()) / max(distance, 1e-30))
         self.steps.append(step)
+        self.grad_norm.append(norm)
         finite = all(math.isfinite(v) for v in losses + betas)
         self.loss_range.append(max(losses) - min(losses) if finite else math.inf)
         self.beta.append(max(betas) if finite else math.inf)

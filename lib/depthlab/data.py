@@ -8,6 +8,7 @@ same batches in the same order. Targets use ``IGNORE = -100`` where no loss is t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -319,3 +320,38 @@ def effective_sample_size(weights: Tensor) -> float:
     """(Σw)² / Σw²: how many equally weighted examples a weighted sample is worth."""
     w = weights.double()
     return float(w.sum() ** 2 / (w ** 2).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Label shift (chapter 4): p(y) changes between domains, p(x | y) does not.
+# --------------------------------------------------------------------------------------------
+
+
+def resample_classes(inputs: Tensor, targets: Tensor, priors: Sequence[float], n: int,
+                     seed: int) -> tuple[Tensor, Tensor]:
+    """``n`` examples drawn (with replacement) so that class c has probability ``priors[c]``:
+    a label-shifted version of a data set, p(x | y) unchanged."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.as_tensor(priors, dtype=torch.float64)
+    classes = torch.multinomial(p / p.sum(), n, replacement=True, generator=g)
+    by_class = [torch.nonzero(targets == c).flatten() for c in range(len(p))]
+    idx = torch.stack([by_class[int(c)][torch.randint(len(by_class[int(c)]), (1,),
+                                                       generator=g)][0] for c in classes])
+    return inputs[idx], targets[idx]
+
+
+def label_shift_weights(val_predictions: Tensor, val_targets: Tensor,
+                        test_predictions: Tensor, n_classes: int) -> Tensor:
+    """Black-box shift estimation (Lipton et al. 2018): w_c = p_test(y=c) / p_train(y=c).
+
+    The confusion matrix C[i, j] = P(ŷ = i, y = j) on held-out data from the training
+    distribution and the distribution q[i] = P(ŷ = i) of predictions on unlabelled test data
+    satisfy q = C w when only p(y) changed; w is the least-squares solution, clipped at 0.
+    Predictions are class indices. Returns (n_classes,) weights."""
+    C = torch.zeros(n_classes, n_classes, dtype=torch.float64)
+    for i, j in zip(val_predictions.tolist(), val_targets.tolist()):
+        C[i, j] += 1
+    C /= len(val_targets)
+    q = torch.bincount(test_predictions, minlength=n_classes).double() / len(test_predictions)
+    w = torch.linalg.lstsq(C, q.unsqueeze(1)).solution.squeeze(1)
+    return w.clamp(min=0.0)

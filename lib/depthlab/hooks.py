@@ -109,17 +109,18 @@ def untouched(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def probing(model: nn.Module, seed: int = 0) -> Iterator[None]:
-    """Measurement passes in training mode that leave no trace on a training run.
+def probing(model: nn.Module, seed: int = 0, *, train: bool = True) -> Iterator[None]:
+    """Measurement passes that leave no trace on a training run.
 
-    Inside: training mode (BatchNorm uses batch statistics, as in training), torch's random
-    generator seeded with ``seed`` (so noisy layers draw the same noise in passes that share a
-    seed, and the run's own draws are untouched). On exit everything ``untouched`` restores is
-    restored (chapter 4).
+    Inside: training mode (BatchNorm uses batch statistics, as in training) or, with
+    ``train=False``, eval mode (running statistics); torch's random generator seeded with
+    ``seed`` (so noisy layers draw the same noise in passes that share a seed, and the run's
+    own draws are untouched). On exit everything ``untouched`` restores is restored
+    (chapter 4).
     """
     with untouched(model):
         torch.manual_seed(seed)
-        model.train()
+        model.train(train)
         yield
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import MLPConfig
-from .hooks import backward, find_layers, run_once, unwrap, untouched
+from .hooks import backward, find_layers, run_once, untouched, unwrap
 from .models import BatchNorm, MLPLayer, SelfAttention, init_variance
 
 
@@ -124,11 +124,11 @@ def mean_field_factors(cfg: MLPConfig, input_second_moment: float) -> np.ndarray
         q = fan_in * gain2 * w_var * second + b_var
         qs.append(q)
     factors = []
-    for l in range(1, len(qs)):
-        fan_in, fan_out = dims[l], dims[l + 1]
+    for k in range(1, len(qs)):
+        fan_in, fan_out = dims[k], dims[k + 1]
         w_var, _ = init_variance(cfg.init, fan_in, fan_out)
-        # ∂L/∂h_{l-1} = W_lᵀ D_l ∂L/∂h_l: E‖W_lᵀ v‖² = fan_out·Var(W)·‖v‖² ... per column
-        chi = fan_out * gain2 * w_var * _gaussian_mean(slope_sq, qs[l])
+        # ∂L/∂h_{k-1} = W_kᵀ D_k ∂L/∂h_k, and E‖W_kᵀ v‖² = fan_out·Var(W)·‖v‖²
+        chi = fan_out * gain2 * w_var * _gaussian_mean(slope_sq, qs[k])
         factors.append(np.sqrt(chi))
     return np.array(factors)
 
@@ -183,9 +183,9 @@ def path_gradient_norms(model: nn.Module, inputs: Tensor, targets: Tensor, *,
         loss, _ = loss_and_accuracy(model.head(top), targets.to(top.device))
         (g_top,) = torch.autograd.grad(loss, top)
         branch_vjp = []
-        for l in range(1, len(layers)):
-            layer = layers[l]
-            _, f = vjp(lambda x, m=layer: m.branch_gain * m.branch(x), h[l])
+        for k in range(1, len(layers)):
+            layer = layers[k]
+            _, f = vjp(lambda x, m=layer: m.branch_gain * m.branch(x), h[k])
             branch_vjp.append(f)
         n_blocks = len(branch_vjp)
         rng = np.random.default_rng(seed)
