@@ -7,9 +7,9 @@ import depthlab as dl
     "kwargs, field",
     [
         ({"norm_placement": "middle"}, "norm_placement"),
-        ({"norm_kind": "group"}, "norm_kind"),
+        ({"norm_kind": "instance"}, "norm_kind"),
         ({"activation": "swish"}, "activation"),
-        ({"init": "orthogonal"}, "init"),
+        ({"init": "glorot"}, "init"),
         ({"n_layers": 0}, "n_layers"),
         ({"d_model": 60, "n_heads": 8}, "d_model"),
         ({"beta_ff": -1.0}, "beta_ff"),
@@ -142,3 +142,12 @@ def test_seeds_come_from_one_place_and_shift_with_the_offset(monkeypatch):
         dl.seeds(1)
     with pytest.raises(ValueError, match="seeds"):
         dl.seeds(0)
+
+
+def test_embed_std_sets_the_embeddings_and_must_be_positive():
+    model = dl.SequenceModel(dl.TransformerConfig(d_model=64, n_layers=1, embed_std=0.1))
+    assert abs(model.tok_emb.weight.std().item() / 0.1 - 1) < 0.2
+    assert abs(model.pos_emb.weight.std().item() / 0.1 - 1) < 0.2
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="embed_std"):
+            dl.TransformerConfig(embed_std=bad)

@@ -132,3 +132,17 @@ def test_describe_names_overflow_underflow_and_dead_ends():
     assert "does not reach layer 0" in profile([0.0, 1.0]).describe()
     assert "receives no gradient" in profile([1.0, 0.0]).describe()
     assert "vanish" in profile([1e-5, 1.0]).describe()
+
+
+def test_output_change_under_update_matches_a_linear_layer_and_restores_it():
+    from depthlab.hooks import output_change_under_update
+
+    layer = nn.Linear(64, 32, bias=False)
+    before = layer.weight.detach().clone()
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    got = output_change_under_update(layer, x, 1e-3, seed=1)
+    # every output is a sum of 64 terms ±1e-3·x_j: its RMS is 1e-3 · RMS ‖x‖
+    expected = 1e-3 * x.pow(2).sum(1).mean().sqrt().item()
+    assert abs(got / expected - 1) < 0.1, (got, expected)
+    assert torch.equal(layer.weight, before)
+    assert abs(output_change_under_update(layer, x, 2e-3, seed=1) / got - 2) < 1e-4  # float32

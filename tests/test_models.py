@@ -161,6 +161,17 @@ def test_init_schemes_have_their_scale(scheme, expected_std):
     assert abs(std / expected_std - 1) < 0.05
 
 
+def test_kaiming_puts_the_relu_gain_only_before_an_activation():
+    model = dl.SequenceModel(dl.TransformerConfig(d_model=128, n_heads=4, n_layers=2,
+                                                  init="kaiming"), seed=0)
+    block = model.layers[0]
+    stds = {"fc1": (block.mlp.fc1.weight, 2 / 128), "fc2": (block.mlp.fc2.weight, 1 / 512),
+            "qkv": (block.attn.qkv.weight, 1 / 128), "proj": (block.attn.proj.weight, 1 / 128),
+            "head": (model.head.weight, 1 / 128)}
+    for name, (w, var) in stds.items():
+        assert abs(w.std().item() / math.sqrt(var) - 1) < 0.1, name
+
+
 def test_gpt2_init_scales_residual_outputs():
     cfg = dl.TransformerConfig(d_model=64, n_layers=8, init="gpt2")
     model = dl.SequenceModel(cfg)

@@ -137,6 +137,7 @@ class TransformerConfig(_Config):
     activation: str = "relu"   # MLP activation; PyTorch's encoder layer uses relu
     init: str = "torch"        # weight initialisation scheme, see models.init_weights
     init_gain: float = 1.0     # multiplies every weight matrix after initialisation
+    embed_std: float | None = None  # std of token/position embeddings; None = the scheme's
     norm_eps: float = 1e-5     # epsilon of the norm layers (PyTorch's default)
     dropout: float = 0.0       # dropout inside the blocks; 0 in every experiment of the book
     bias: bool = True          # biases in every Linear (PyTorch's encoder layer: bias=True)
@@ -161,6 +162,8 @@ class TransformerConfig(_Config):
         _choice(self, "init", INIT_SCHEMES)
         for name in ("alpha_sa", "beta_sa", "alpha_ff", "beta_ff", "init_gain"):
             _number(self, name, 0.0)
+        if self.embed_std is not None:
+            _number(self, "embed_std", 0.0, low_open=True)
         _number(self, "norm_eps", 0.0, low_open=True)
         _number(self, "dropout", 0.0, 1.0)
         for name in ("residual", "causal", "bias"):

@@ -529,6 +529,31 @@ def output_change(model: nn.Module, inputs: Tensor, changed: Tensor, at=0, *,
         return (model(inputs)[at] - model(changed)[at]).abs().max().item()
 
 
+@torch.no_grad()
+def output_change_under_update(model: nn.Module, inputs: Tensor, step: float, *,
+                               seed: int = 0) -> float:
+    """RMS change of the model's output when every parameter moves by ±``step`` (random signs):
+    the size of one Adam update of learning rate ``step``, in a random direction.
+
+    Liu et al. (2020) show that the output change caused by such an update grows like O(N)
+    with the number of blocks N in Post-LN and like O(log N) in Pre-LN ("amplification",
+    chapter 5). The model is left untouched."""
+    model = unwrap(model)
+    g = torch.Generator().manual_seed(seed)
+    with untouched(model):
+        model.eval()
+        x = to_model(inputs, model)
+        before = model(x).double()
+        saved = [p.detach().clone() for p in model.parameters()]
+        for p in model.parameters():
+            signs = torch.randint(0, 2, p.shape, generator=g).to(p.device, p.dtype) * 2 - 1
+            p.add_(step * signs)
+        after = model(x).double()
+        for p, old in zip(model.parameters(), saved):
+            p.copy_(old)
+    return float((after - before).pow(2).mean().sqrt())
+
+
 @contextlib.contextmanager
 def ablate(model: nn.Module, index: int, layers: Sequence[nn.Module] | None = None):
     """Delete layer ``index`` (replace it with the identity) inside a ``with`` block.

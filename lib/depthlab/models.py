@@ -217,6 +217,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.proj.is_residual_out = True                       # scaled by 1/sqrt(2L) in gpt2 init
+        self.qkv.feeds_relu = self.proj.feeds_relu = False     # Kaiming's gain 2 would not apply
         self.n_heads, self.causal, self.dropout = n_heads, causal, dropout
         self.sdpa = True
 
@@ -271,6 +272,7 @@ class MLP(nn.Module):
         self.act = make_activation(activation)
         self.fc2 = nn.Linear(d_hidden, d_model, bias=bias)
         self.fc2.is_residual_out = True
+        self.fc2.feeds_relu = False                            # fc1 feeds the activation
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -407,7 +409,9 @@ class SequenceModel(nn.Module):
             self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
             self.encoder = Encoder(cfg, seed=seed)
             self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.bias)
-        init_weights(self, cfg.init, n_layers=cfg.n_layers, gain=cfg.init_gain, seed=seed)
+            self.head.feeds_relu = False
+        init_weights(self, cfg.init, n_layers=cfg.n_layers, gain=cfg.init_gain, seed=seed,
+                     embed_std=cfg.embed_std)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -503,7 +507,7 @@ class DeepMLP(nn.Module):
 
 
 def init_weights(model: nn.Module, scheme: str, *, n_layers: int = 1, gain: float = 1.0,
-                 seed: int = 0) -> nn.Module:
+                 seed: int = 0, embed_std: float | None = None) -> nn.Module:
     """Re-initialise every Linear and Embedding of ``model`` from ``seed``; returns ``model``.
 
     Which parameters get which scale (fan_in = input features of the layer):
@@ -513,7 +517,8 @@ def init_weights(model: nn.Module, scheme: str, *, n_layers: int = 1, gain: floa
     ==========  ==============================================  ==========  ===============
     torch       U(±1/√fan_in)  (nn.Linear's default)            U(±1/√fan_in)  N(0, 1)
     xavier      U(±√(6/(fan_in+fan_out)))  (Glorot & Bengio)     0           N(0, 1)
-    kaiming     N(0, 2/fan_in)  (He et al. 2015, for ReLU)       0           N(0, 1)
+    kaiming     N(0, 2/fan_in)  (He et al. 2015, for ReLU);      0           N(0, 1)
+                N(0, 1/fan_in) where no ReLU follows (*)
     normal      N(0, 1)  (the naive choice of chapter 1)         0           N(0, 1)
     gpt2        N(0, 0.02²); residual outputs N(0, (0.02/√(2L))²)  0         N(0, 0.02²)
     fan_in      N(0, 1/fan_in)  (LeCun: keeps the forward variance)  0       N(0, 1)
@@ -522,7 +527,15 @@ def init_weights(model: nn.Module, scheme: str, *, n_layers: int = 1, gain: floa
     constant    every entry 1/fan_in (no symmetry breaking)      0           N(0, 1)
     ==========  ==============================================  ==========  ===============
 
-    Every Linear weight is then multiplied by ``gain``. Norm layers keep weight 1, bias 0.
+    (*) Kaiming's factor 2 undoes a ReLU halving the variance, so it belongs only on a matrix
+    whose output goes into one: a transformer's query/key/value and output projections, its
+    second MLP matrix and its head are marked ``feeds_relu = False`` and get N(0, 1/fan_in).
+    (An unmarked Linear, e.g. every layer of ``DeepMLP``, gets 2/fan_in, as PyTorch's
+    ``kaiming_normal_`` with ``nonlinearity="relu"`` would give it.) Putting the factor 2 on
+    every matrix of a 12-block transformer multiplies the logits' scale by about 10^5.
+
+    Every Linear weight is then multiplied by ``gain``; ``embed_std`` overrides the embeddings'
+    standard deviation (chapters 5 and 7 vary it). Norm layers keep weight 1, bias 0.
     Only the generator seeded here is used, so the caller's global RNG is untouched.
     """
     g = torch.Generator().manual_seed(seed)
@@ -541,7 +554,8 @@ def init_weights(model: nn.Module, scheme: str, *, n_layers: int = 1, gain: floa
                         b = math.sqrt(6.0 / (fan_in + fan_out))
                         _fill(w, lambda t, b=b: t.uniform_(-b, b, generator=g))
                     elif scheme == "kaiming":
-                        std = math.sqrt(2.0 / fan_in)
+                        relu_gain = 2.0 if getattr(module, "feeds_relu", True) else 1.0
+                        std = math.sqrt(relu_gain / fan_in)
                         _fill(w, lambda t, s=std: t.normal_(0.0, s, generator=g))
                     elif scheme == "normal":
                         _fill(w, lambda t: t.normal_(0.0, 1.0, generator=g))
@@ -564,7 +578,7 @@ def init_weights(model: nn.Module, scheme: str, *, n_layers: int = 1, gain: floa
                 if gain != 1.0:
                     w.mul_(gain)
         elif isinstance(module, nn.Embedding):
-            std = 0.02 if scheme == "gpt2" else 1.0
+            std = embed_std if embed_std is not None else (0.02 if scheme == "gpt2" else 1.0)
             with torch.no_grad():
                 _fill(module.weight, lambda t, s=std: t.normal_(0.0, s, generator=g))
     return model
