@@ -86,3 +86,37 @@ def test_float16_gradients_underflow_where_bfloat16_do_not():
     assert fp16.underflow[0] > 0.9 and fp16.ratio == 0.0       # the first layer flushed to 0
     assert scaled.underflow[0] < fp16.underflow[0]
     assert 0 < scaled.ratio < 1e-4                             # back in range, still vanishing
+
+
+def test_diagnose_measures_adam_updates_against_lr_over_weight_rms():
+    from depthlab.remedies import diagnose
+
+    batch = dl.SequenceTask("sort", n=6, batch_size=16).batch(0)
+    healthy = _broken_transformer(norm_placement="pre", norm_kind="layer", residual=True)
+    d = diagnose(healthy, batch, dl.TrainConfig(lr=3e-3))
+    # Adam's first step moves every entry by about lr: the ratio is lr / RMS(W) (10^-1.5 here),
+    # far above SGD's rule of thumb 10^-3, and that is healthy
+    assert np.abs(d.update_log10 - d.expected_update_log10).max() < 0.5
+    assert "no problem found" in d.report() and "overwritten" not in d.report()
+    broken = _broken_transformer(depth=12)
+    lagging = diagnose(broken, batch, dl.TrainConfig(lr=3e-3))
+    assert lagging.expected_update_log10[0] - lagging.update_log10[0] > 2   # gradient < eps
+    assert "decades less than" in lagging.report()
+    tiny_eps = diagnose(broken, batch, dl.TrainConfig(lr=3e-3, eps=1e-16))
+    assert np.abs(tiny_eps.update_log10 - tiny_eps.expected_update_log10).max() < 0.5
+    sgd = diagnose(broken, batch, dl.TrainConfig(lr=0.1, optimizer="sgd"))
+    assert np.isnan(sgd.expected_update_log10).all()                     # SGD has no such scale
+    assert "barely moves" in sgd.report() or "does not move at all" in sgd.report()
+
+
+def test_lost_updates_follow_the_significand_of_each_dtype():
+    from depthlab.remedies import lost_updates
+
+    w = torch.rand(10_000, generator=torch.Generator().manual_seed(0)) + 0.5   # in [0.5, 1.5)
+    for rel, lost_bf16, lost_fp32 in ((1e-1, 0.0, 0.0), (1e-4, 1.0, 0.0), (1e-9, 1.0, 1.0)):
+        u = rel * w
+        assert lost_updates(w, u, torch.bfloat16) == lost_bf16, rel
+        assert lost_updates(w, u, torch.float32) == lost_fp32, rel
+    assert lost_updates(w, 1e-10 * w, torch.float16) == 1.0    # underflows to 0 in float16
+    with pytest.raises(ValueError, match="nonzero"):
+        lost_updates(w, torch.zeros_like(w), torch.float32)

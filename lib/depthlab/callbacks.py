@@ -24,8 +24,10 @@ from .training import Callback, device_of, loss_and_accuracy
 class UpdateRatio(Callback):
     """Log10 of ‖ΔW‖ / ‖W‖ per layer and step, over the weight matrices of each layer.
 
-    A common rule of thumb (Karpathy) puts healthy values near -3: much lower and a layer
-    barely learns, much higher and it is being overwritten. Results: ``self.log10`` is a list
+    What is healthy depends on the optimiser: under SGD a rule of thumb (Karpathy) puts it
+    near -3; Adam moves every entry by about the learning rate, so about log10(lr / RMS(W))
+    (``remedies.diagnose`` compares with that). -inf: the step did not change the weights at
+    all (too small for float32 to add). Results: ``self.log10`` is a list
     of per-step arrays (L,), also returned to the loop as ``update/<l>`` extras.
     """
 

@@ -588,16 +588,25 @@ def norm_axes_diagram(ax: Axes, kind: str, *, batch: int = 3, tokens: int = 4,
 
 def diagnosis(axes: Sequence[Axes], diagnoses: Mapping[str, object]) -> Sequence[Axes]:
     """Three panels for ``diagnostics.diagnose`` results, one line per label: the gradient
-    reaching each layer, the update-to-weight ratio of one step (reference 10^-3) and the
-    token similarity (1 = rank collapse). ``axes``: three Axes, e.g. ``axes[0]`` of a
-    ``figure(3)``."""
+    reaching each layer, the update-to-weight ratio of one step (dotted: the lr/RMS(W) an
+    Adam step gives a gradient well above its eps, where known) and the token similarity
+    (1 = rank collapse). ``axes``: three Axes, e.g. ``axes[0]`` of a ``figure(3)``."""
     grad = {k: d.profile.act_grad_norm for k, d in diagnoses.items()}
     layer_profile(axes[0], grad, title="gradient reaching each layer")
-    update = {k: d.update_log10 for k, d in diagnoses.items()}
-    layer_profile(axes[1], update, log=False, reference=-3.0,
-                  ylabel="log10 ‖ΔW‖/‖W‖ after one step", title="update ratio (healthy ≈ -3)")
+    update = {k: np.where(np.isneginf(d.update_log10), np.nan, d.update_log10)
+              for k, d in diagnoses.items()}
+    layer_profile(axes[1], update, log=False, ylabel="log10 ‖ΔW‖/‖W‖ after one step",
+                  title="update ratio per layer")
+    for line, d in zip(axes[1].get_lines(), diagnoses.values()):
+        expected = getattr(d, "expected_update_log10", np.zeros(0))
+        if len(expected) and np.isfinite(expected).any():
+            axes[1].plot(np.arange(len(expected)), expected, linestyle=":", linewidth=1,
+                         color=line.get_color())
     sim = {k: d.profile.token_similarity for k, d in diagnoses.items()}
-    layer_profile(axes[2], sim, log=False, ylabel="mean cosine similarity between tokens",
+    layer_profile(axes[2], sim, log=False, ylabel="cosine similarity of tokens",
                   title="rank collapse (1 = all tokens alike)")
     axes[2].set_ylim(-0.05, 1.05)
+    for ax in axes[:2]:                 # one legend for the three panels: the same lines
+        if ax.get_legend():
+            ax.get_legend().remove()
     return axes
