@@ -17,10 +17,14 @@ claim's verdict per offset (see tools/audit.py):
 
     python3 tasks.py audit [--offsets 1 2 3 4 5] [--chapters 02 05]
 
-For teachers (see the book's Instructor guide; both use nbgrader, installed the same way):
+For teachers (see the book's Instructor guide and tools/coursework.py):
 
     python3 tasks.py assign 03 05 --to handout/       student versions of chapters 3 and 5
     python3 tasks.py grade submissions/ --to grades.csv   scores per student and exercise
+    python3 tasks.py book --no-solutions              the website without any solution
+
+For authors, after editing a chapter: ``python3 tasks.py colab`` regenerates colab/, the
+notebooks the Colab buttons open (a test fails while they are stale).
 """
 
 from __future__ import annotations
@@ -80,14 +84,20 @@ def env() -> dict[str, str]:
     return e
 
 
-def book() -> None:
+def book(args: list[str] = ()) -> None:
     ensure_venv()
+    e = env()
+    if "--no-solutions" in args:          # a course's site: see _ext/depthlab_book.py
+        e["DEPTHLAB_NO_SOLUTIONS"] = "1"
+    else:
+        e.pop("DEPTHLAB_NO_SOLUTIONS", None)
     # Execute the chapters (two at a time) into the build's cache, then build: the build
     # finds every chapter in the cache and executes nothing twice.
     run(BIN / "python", "-c", "import sys; sys.path.insert(0, 'tools'); import execute; "
         "sys.exit(any(r.error for r in execute.execute()))", env=env())
-    run(BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going", env=env())
-    print(f"website: {ROOT / '_build' / 'html' / 'index.html'}")
+    run(BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going", env=e)
+    print(f"website: {ROOT / '_build' / 'html' / 'index.html'}"
+          + (" (no solutions)" if "DEPTHLAB_NO_SOLUTIONS" in e else ""))
 
 
 def test(pytest_args: list[str]) -> None:
@@ -113,10 +123,13 @@ def coursework(command: str, args: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in {"book", "test", "audit", "assign", "grade"}:
+    if not argv or argv[0] not in {"book", "test", "audit", "assign", "grade", "colab"}:
         sys.exit(__doc__)
     if argv[0] == "book":
-        book()
+        book(argv[1:])
+    elif argv[0] == "colab":
+        ensure_venv()
+        run(BIN / "python", ROOT / "tools" / "notebooks.py", env=env())
     elif argv[0] == "test":
         test(argv[1:])
     elif argv[0] == "audit":

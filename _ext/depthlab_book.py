@@ -235,7 +235,69 @@ def on_html_page_context(app, pagename, templatename, context, doctree) -> None:
     scripts[:] = unique          # in place: it is the builder's own list
 
 
+# --------------------------------------------------------------------------------------------
+# Exercises and solutions on the website
+# --------------------------------------------------------------------------------------------
+
+SOLUTION_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION")
+NO_SOLUTIONS_ENV = "DEPTHLAB_NO_SOLUTIONS"
+
+
+def number_exercises_per_chapter(app, env) -> list[str]:
+    """Number exercises 5.1, 5.2, ... in chapter 5 (sphinx-exercise numbers them through the
+    whole book). Runs after Sphinx has assigned the figure numbers; the chapter number is the
+    notebook's prefix (chapters/05_pre_ln_vs_post_ln)."""
+    for docname, numbers in env.toc_fignumbers.items():
+        exercises = numbers.get("exercise")
+        stem = docname.rsplit("/", 1)[-1]
+        if not exercises or not stem[:2].isdigit():
+            continue
+        for k, node_id in enumerate(sorted(exercises, key=lambda i: exercises[i]), start=1):
+            exercises[node_id] = (int(stem[:2]), k)
+    return []
+
+
+def tidy_solutions(app, doctree) -> None:
+    """Drop the nbgrader marker lines from solution code on the pages (they are for the
+    grading tools), and, for a course build (``tasks.py book --no-solutions``), every
+    solution."""
+    for block in list(doctree.findall(nodes.literal_block)):
+        text = block.astext()
+        if any(m in text for m in SOLUTION_MARKERS):
+            kept = "\n".join(line for line in text.split("\n")
+                             if line.strip() not in SOLUTION_MARKERS)
+            block.children = [nodes.Text(kept)]
+            block.rawsource = kept
+    if app.config.depthlab_no_solutions:
+        from sphinx_exercise.nodes import solution_node
+
+        for node in list(doctree.findall(solution_node)):
+            node.parent.remove(node)
+
+
+def adjust_buttons(app, pagename, templatename, context, doctree) -> None:
+    """The Colab button opens colab/NN_name.ipynb, the chapter converted for reading outside
+    the book (tools/notebooks.py). A course build has no launch or download buttons: those
+    would give students the notebook with its solutions."""
+    buttons = context.get("header_buttons") or []
+    for group in buttons:
+        if group.get("label") == "launch-buttons":
+            for b in group.get("buttons", []):
+                if "colab" in b.get("url", ""):
+                    b["url"] = b["url"].replace("/blob/main/chapters/", "/blob/main/colab/")
+    if app.config.depthlab_no_solutions:
+        buttons[:] = [g for g in buttons if g.get("label") != "launch-buttons"]
+        for g in buttons:
+            if g.get("label") == "download-buttons":
+                g["buttons"] = [b for b in g.get("buttons", [])
+                                if b.get("label") != "download-notebook-button"]
+
+
 def setup(app):
+    app.add_config_value("depthlab_no_solutions", bool(os.environ.get(NO_SOLUTIONS_ENV)), "env")
+    app.connect("env-get-updated", number_exercises_per_chapter, priority=900)
+    app.connect("doctree-read", tidy_solutions, priority=900)
+    app.connect("html-page-context", adjust_buttons, priority=900)
     app.connect("config-inited", on_config_inited, priority=100)
     app.connect("env-before-read-docs", on_env_before_read_docs)
     app.connect("env-get-outdated", on_env_get_outdated)
