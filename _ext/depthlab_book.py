@@ -45,6 +45,7 @@ def on_config_inited(app, config) -> None:
     os.environ["DEPTHLAB_LEDGER"] = str(ledger)
     os.environ["DEPTHLAB_STATIC"] = "1"
     os.environ["DEPTHLAB_QUIET"] = "1"
+    os.environ["DEPTHLAB_FIGURE_CHECK"] = "1"
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
 
     cache = Path(config.nb_execution_cache_path or Path(app.outdir).parent / ".jupyter_cache")

@@ -107,3 +107,93 @@ def test_markdown_tables_printed_by_chapters_render_as_tables(build, chapter, ma
     tables = page.split("<table")[1:]
     assert any(marker in t.split("</table>")[0] for t in tables), f"no table with {marker}"
     assert "|---|" not in page and "|—|" not in page
+
+
+# The book's own elements: claim boxes (and every line inside), verdict chips, tables the
+# chapters print. Each text's colour against the first opaque background behind it.
+_CONTRAST_JS = """
+() => {
+  const rgba = (s) => { const m = s.match(/[\\d.]+/g).map(Number);
+                        return [m[0], m[1], m[2], m.length > 3 ? m[3] : 1]; };
+  const lum = ([r, g, b]) => { const f = (c) => { c /= 255;
+      return c <= 0.03928 ? c / 12.92 : Math.pow((c + 0.055) / 1.055, 2.4); };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
+  const background = (el) => {
+    for (let e = el; e; e = e.parentElement) {
+      const c = rgba(getComputedStyle(e).backgroundColor);
+      if (c[3] > 0.5) return c;
+    }
+    return rgba(getComputedStyle(document.body).backgroundColor);
+  };
+  const out = [];
+  const sel = ".depthlab-claim, .depthlab-claim *, .depthlab-chip, main table td, main table th";
+  document.querySelectorAll(sel).forEach((el) => {
+    const own = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+    if (!own || !el.offsetParent) return;
+    const fg = rgba(getComputedStyle(el).color), bg = background(el);
+    const [a, b] = [lum(fg), lum(bg)].sort((x, y) => y - x);
+    out.push({text: el.textContent.trim().slice(0, 40), ratio: (a + 0.05) / (b + 0.05)});
+  });
+  return out;
+}
+"""
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_text_the_book_draws_is_readable_in_both_themes(server, browser, chapter, theme):
+    """WCAG AA: contrast of at least 4.5 for every text inside claim boxes, chips and tables."""
+    page, errors = _open(browser, f"{server}/chapters/{chapter}.html")
+    page.evaluate(f"document.documentElement.dataset.theme = '{theme}';"
+                  f"document.documentElement.dataset.mode = '{theme}'")
+    page.wait_for_timeout(100)
+    measured = page.evaluate(_CONTRAST_JS)
+    assert measured, "no claim box or table found"
+    low = [m for m in measured if m["ratio"] < 4.5]
+    assert not low, low[:5]
+    page.close()
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_an_explorer_responds_without_a_kernel(server, browser, chapter):
+    """Every chapter has an explorer with at least two frames drawn at build time; choosing
+    another drawn setting changes the figure on the static page."""
+    page, errors = _open(browser, f"{server}/chapters/{chapter}.html")
+    box = page.locator(".depthlab-explorer").first
+    assert box.count() == 1, "no explorer on the page"
+    frames = json.loads(box.get_attribute("data-frames"))
+    names = json.loads(box.get_attribute("data-names"))
+    assert len(frames) >= 2, "only one frame was drawn"
+    img = box.locator("img.depthlab-explorer-frame")
+    before = img.get_attribute("src")
+    default = img.get_attribute("data-key") or next(k for k, v in frames.items() if v == before)
+    target = next(k for k in frames if k != default)
+    for pair in target.split("|"):
+        name, value = pair.split("=", 1)
+        box.locator(f"select[data-control='{name}']").select_option(value)
+    assert names and img.get_attribute("src") == frames[target] != before
+    assert img.is_visible()
+    assert not errors, errors
+    page.close()
+
+
+def test_one_search_box_and_a_real_landing_page(server, browser):
+    page, errors = _open(browser, f"{server}/index.html")
+    assert "Deep & Stable" in page.locator("main").inner_text()       # a page, not a redirect
+    assert "http-equiv" not in (HTML / "index.html").read_text().split("<body")[0].lower() \
+        or "refresh" not in (HTML / "index.html").read_text().split("<body")[0].lower()
+    visible = page.eval_on_selector_all(
+        "input[type=search], .search-button__wrapper, .search-button, form.bd-search",
+        "els => els.filter(e => e.offsetParent !== null).length")
+    assert visible == 1, f"{visible} search boxes visible"
+    assert not errors, errors
+    page.close()
+
+
+def test_code_stays_within_the_page(server, browser):
+    page, _ = _open(browser, f"{server}/chapters/05_pre_ln_vs_post_ln.html")
+    wide = page.eval_on_selector_all(
+        "main div.cell_input pre",
+        "els => els.filter(e => e.scrollWidth > e.clientWidth + 2).length")
+    assert wide == 0, f"{wide} code blocks scroll sideways at 1280 px"
+    page.close()

@@ -15,9 +15,10 @@ differs, the cache, the claims ledger and Sphinx's saved environment are cleared
 every chapter runs again.
 
 Each kernel inherits: ``DEPTHLAB_LEDGER`` (claims log), ``DEPTHLAB_STATIC=1`` (explorers draw
-static figures), ``DEPTHLAB_QUIET=1`` (no progress bars); with ``jobs`` > 1 also one torch
-thread and ``DEPTHLAB_WORKERS=1`` per chapter (two chapters side by side, each on one core,
-instead of four processes fighting over two).
+static frames), ``DEPTHLAB_QUIET=1`` (no progress bars), ``DEPTHLAB_FIGURE_CHECK=1`` (a
+defective figure fails its chapter); with ``jobs`` > 1 also one torch thread and
+``DEPTHLAB_WORKERS=1`` per chapter (two chapters side by side, each on one core, instead of
+four processes fighting over two).
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ class Result:
 
 def kernel_env(ledger: Path | None, *, offset: int | None = None, jobs: int = 1,
                raise_claims: bool = True) -> dict[str, str]:
-    env = dict(os.environ, DEPTHLAB_STATIC="1", DEPTHLAB_QUIET="1")
+    # DEPTHLAB_FIGURE_CHECK: a figure with clipped or overlapping text, an unlabelled axis or a
+    # legend over its data fails the chapter (plots.check_figure), so every figure of the book
+    # is checked every time it is drawn
+    env = dict(os.environ, DEPTHLAB_STATIC="1", DEPTHLAB_QUIET="1", DEPTHLAB_FIGURE_CHECK="1")
     env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     env.pop("DEPTHLAB_LEDGER", None)
     if ledger is not None:

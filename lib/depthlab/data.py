@@ -8,6 +8,7 @@ same batches in the same order. Targets use ``IGNORE = -100`` where no loss is t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -310,7 +311,11 @@ def importance_weights(source: Tensor, target: Tensor, *, features=quadratic_fea
 
     X = np.vstack([features(source), features(target)])
     domain = np.r_[np.zeros(len(source)), np.ones(len(target))]
-    clf = LogisticRegression(C=C, max_iter=2000).fit(X, domain)
+    with warnings.catch_warnings():
+        # scikit-learn 1.6 with a newer SciPy (Colab, 2026) passes an option SciPy dropped;
+        # harmless, but a warning in every reader's notebook
+        warnings.filterwarnings("ignore", message="Unknown solver options")
+        clf = LogisticRegression(C=C, max_iter=2000).fit(X, domain)
     p = clf.predict_proba(features(source))[:, 1]
     w = (len(source) / len(target)) * p / (1 - p)
     return torch.tensor(w / w.mean(), dtype=torch.float32)
