@@ -65,6 +65,17 @@ def test_exercises_have_solution_and_check_cells(path):
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_exercise_titles_are_plain_text(path):
+    """sphinx-exercise 1.x cannot give a solution the title of an exercise whose title holds
+    inline code or math: the build then warns "undefined label" (and fails under -W)."""
+    for c in _nb(path)["cells"]:
+        text = "".join(c["source"])
+        if c["cell_type"] == "markdown" and text.startswith("````{exercise}"):
+            title = text.splitlines()[0].split("}", 1)[1]
+            assert not set("`$") & set(title), title
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
 def test_chapters_define_no_models_or_training_loops(path):
     # A student's solution may write a backward pass (chapter 0 asks for one); the chapter's
     # own code may not.

@@ -26,6 +26,8 @@ def test_book_builds_without_warnings(build):
     sphinx_warnings = [line for line in log.splitlines()
                        if "WARNING" in line and "IPKernelApp" not in line]
     assert not sphinx_warnings, sphinx_warnings
+    # every chapter was executed once, by tools/execute.py, and found in the cache
+    assert "Executing notebook" not in log, "the build executed a chapter again"
 
 
 def test_claims_ledger_lists_every_chapter(build):
@@ -178,16 +180,22 @@ def test_an_explorer_responds_without_a_kernel(server, browser, chapter):
 
 
 def test_one_search_box_and_a_real_landing_page(server, browser):
-    page, errors = _open(browser, f"{server}/index.html")
-    assert "Deep & Stable" in page.locator("main").inner_text()       # a page, not a redirect
-    assert "http-equiv" not in (HTML / "index.html").read_text().split("<body")[0].lower() \
-        or "refresh" not in (HTML / "index.html").read_text().split("<body")[0].lower()
-    visible = page.eval_on_selector_all(
-        "input[type=search], .search-button__wrapper, .search-button, form.bd-search",
-        "els => els.filter(e => e.offsetParent !== null).length")
-    assert visible == 1, f"{visible} search boxes visible"
-    assert not errors, errors
-    page.close()
+    """index.html is the book's first page itself (not a redirect), and one search box or
+    button shows, at a laptop's width and at a phone's or tablet's."""
+    head = (HTML / "index.html").read_text().split("<body")[0].lower()
+    assert 'http-equiv="refresh"' not in head
+    for width in (800, 1280):
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc, errors=errors: errors.append(str(exc)))
+        page.goto(f"{server}/index.html", wait_until="load")
+        assert "Deep & Stable" in page.locator("main").inner_text()
+        visible = page.eval_on_selector_all(
+            ".search-button__button, input[type=search]",
+            "els => els.filter(e => e.offsetParent !== null).length")
+        assert visible == 1, f"{visible} search boxes visible at {width} px"
+        assert not errors, errors
+        page.close()
 
 
 def test_code_stays_within_the_page(server, browser):

@@ -50,6 +50,10 @@ import notebooks  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = ROOT / "chapters"
 EXERCISE_TIMEOUT = 300    # seconds for one answer and its check (the slowest check takes ~10 s)
+# Address space of one grading process. A chapter's setup and checks peak near 1 GiB; an answer
+# that allocates without bound (a student's, or numpy turning a self-nesting object into an
+# array of 3**32 entries) fails with MemoryError instead of taking the machine with it.
+MEMORY_LIMIT = 4 << 30
 
 
 def find_chapters(selectors: list[str]) -> list[Path]:
@@ -144,8 +148,10 @@ class AlwaysTrue:
     __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __eq__
     def __bool__(self): return True            # noqa: E704
     def __call__(self, *a, **k): return self   # noqa: E704
-    def __getitem__(self, key): return self    # noqa: E704
-    def __iter__(self): return iter([self, self, self])  # noqa: E704
+    # Items are plain True: items that were AlwaysTrue again would make numpy read the object as
+    # an array nested 32 deep (3**32 entries).
+    def __getitem__(self, key): return True    # noqa: E704
+    def __iter__(self): return iter([True, True, True])  # noqa: E704
     def __len__(self): return 3                # noqa: E704
     def __contains__(self, item): return True  # noqa: E704
     def __hash__(self): return 0               # noqa: E704
@@ -173,10 +179,13 @@ def _like(value, constant):
 def _driver(jobfile: str, outfile: str) -> None:
     """The grading process: see ``run_trials``."""
     job = json.loads(Path(jobfile).read_text())
+    import resource
+
     import torch
     from IPython.core.interactiveshell import InteractiveShell
 
     torch.set_num_threads(1)
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
     def alarm(signum, frame):
         raise TimeoutError(f"took longer than {job['timeout']} s")

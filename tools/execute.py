@@ -96,7 +96,11 @@ def _execute_one(path: str, env: dict[str, str]) -> tuple[str, float, str | None
     start = time.perf_counter()
     error = None
     try:
+        # record_timing=False: timing stamps in the cells' metadata would enter the cache's
+        # hash (jupyter-cache hashes all cell metadata), and the build would never find the
+        # chapter in the cache and execute it a second time
         NotebookClient(nb, timeout=TIMEOUT, kernel_name="python3", allow_errors=False,
+                       record_timing=False,
                        resources={"metadata": {"path": str(Path(path).parent)}}
                        ).execute(env=env)
     except CellExecutionError as exc:
@@ -174,12 +178,21 @@ def _fresh_cache():
 
 def _store(cache, path: Path, executed, seconds: float) -> None:
     """Add an executed notebook to the cache exactly as MyST-NB itself would."""
+    import nbformat
     from jupyter_cache.base import CacheBundleIn
 
     record = cache.add_nb_to_project(str(path))
-    cache.cache_notebook_bundle(CacheBundleIn(executed, record.uri,
-                                              data={"execution_seconds": seconds}),
-                                check_validity=False, overwrite=True)
+    stored = cache.cache_notebook_bundle(CacheBundleIn(executed, record.uri,
+                                                       data={"execution_seconds": seconds}),
+                                         check_validity=False, overwrite=True)
+    # The build looks the chapter up by the hash of its source; if that is not what was just
+    # stored, it would execute the chapter again without a word: say so here instead.
+    try:
+        found = cache.match_cache_notebook(nbformat.read(path, as_version=4)).pk
+    except KeyError:
+        found = None
+    if found != stored.pk:
+        raise RuntimeError(f"{path.name}: the executed notebook does not hash like its source")
     # Sphinx re-reads a page only when its source changed: forget the saved environment so
     # that every page is read again from the cache (cheap: nothing executes).
     shutil.rmtree(BUILD / ".doctrees", ignore_errors=True)
