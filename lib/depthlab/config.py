@@ -17,6 +17,7 @@ NORM_PLACEMENTS = ("post", "pre", "none")
 NORM_KINDS = ("layer", "batch", "rms", "group", "none")
 NORM_GROUPS = 8                # GroupNorm: features are split into this many groups
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "identity")
+ATTENTION_KINDS = ("softmax", "value_skipinit", "shaped")
 INIT_SCHEMES = ("torch", "xavier", "kaiming", "normal", "gpt2", "fan_in", "fan_out",
                 "orthogonal", "constant")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
@@ -119,6 +120,15 @@ class TransformerConfig(_Config):
 
     Gains follow He & Hofmann (2023): for Pre-LN,
     ``X̂ = alpha_sa·X + beta_sa·MHA(Norm(X))`` and ``X_out = alpha_ff·X̂ + beta_ff·MLP(Norm(X̂))``.
+
+    Their simplified blocks are members of the same family: ``attention`` replaces the softmax
+    matrix A by ``attn_alpha·I + attn_beta·A`` (value-SkipInit, He, Martens et al. 2023) or by
+    ``attn_alpha·I + attn_beta·A − attn_beta·C`` with C the uniform (causal) attention matrix
+    and the queries initialised at 0 (shaped attention, Noci et al. 2023: exactly ``attn_alpha·I``
+    at initialisation); ``identity_values`` removes the value and output projections;
+    ``parallel`` computes attention and MLP from the same input, ``X_out = alpha_sa·X +
+    beta_sa·MHA(Norm(X)) + beta_ff·MLP(Norm(X))`` (GPT-J; He & Hofmann's SAS-P without the
+    skip, ``residual=False``). ``alpha_sa = 0`` removes the attention skip alone.
     """
 
     d_model: int = 64          # width D of the residual stream
@@ -141,6 +151,12 @@ class TransformerConfig(_Config):
     norm_eps: float = 1e-5     # epsilon of the norm layers (PyTorch's default)
     dropout: float = 0.0       # dropout inside the blocks; 0 in every experiment of the book
     bias: bool = True          # biases in every Linear (PyTorch's encoder layer: bias=True)
+    attention: str = "softmax"  # "softmax", "value_skipinit" (αI + βA) or "shaped" (αI + βA − βC)
+    attn_alpha: float = 1.0    # α: weight of the identity in the attention matrix (not softmax)
+    attn_beta: float = 1.0     # β: weight of the softmax matrix (and of −C for "shaped")
+    trainable_gains: bool = False  # α and β of the attention matrix become parameters, per head
+    identity_values: bool = False  # values and output projection fixed to the identity
+    parallel: bool = False     # attention and MLP side by side on one normalised input
     vocab_size: int = 16       # tokens; used by SequenceModel only
     max_len: int = 64          # longest sequence for learned positions; SequenceModel only
 
@@ -166,8 +182,26 @@ class TransformerConfig(_Config):
             _number(self, "embed_std", 0.0, low_open=True)
         _number(self, "norm_eps", 0.0, low_open=True)
         _number(self, "dropout", 0.0, 1.0)
-        for name in ("residual", "causal", "bias"):
+        for name in ("residual", "causal", "bias", "trainable_gains", "identity_values",
+                     "parallel"):
             _boolean(self, name)
+        _choice(self, "attention", ATTENTION_KINDS)
+        for name in ("attn_alpha", "attn_beta"):
+            _number(self, name, 0.0)
+        if self.attention == "softmax" and (self.attn_alpha != 1.0 or self.attn_beta != 1.0
+                                            or self.trainable_gains):
+            raise ConfigError(
+                "TransformerConfig.attn_alpha, attn_beta and trainable_gains shape the attention "
+                "matrix of attention='value_skipinit' or 'shaped'; with attention='softmax' "
+                "leave them at 1.0, 1.0, False")
+        if self.parallel and self.norm_placement == "post":
+            raise ConfigError(
+                "TransformerConfig.parallel=True needs norm_placement 'pre' or 'none': a parallel "
+                "block has one input for both branches, so there is no norm between them")
+        if self.parallel and self.alpha_ff != 1.0:
+            raise ConfigError(
+                "TransformerConfig.alpha_ff is not used when parallel=True (the block has one "
+                "skip, weighted by alpha_sa): leave it at 1.0")
         _boolean(self, "final_norm", allow_none=True)
         if self.d_mlp < 1:
             raise ConfigError(

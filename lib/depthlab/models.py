@@ -212,19 +212,35 @@ class SelfAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, causal: bool, dropout: float = 0.0,
-                 bias: bool = True) -> None:
+                 bias: bool = True, kind: str = "softmax", alpha: float = 1.0,
+                 beta: float = 1.0, trainable_gains: bool = False,
+                 identity_values: bool = False) -> None:
         super().__init__()
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        # identity_values: only queries and keys are projected; V = X and no output projection
+        self.qkv = nn.Linear(d_model, (2 if identity_values else 3) * d_model, bias=bias)
+        self.proj = nn.Identity() if identity_values else nn.Linear(d_model, d_model, bias=bias)
         self.proj.is_residual_out = True                       # scaled by 1/sqrt(2L) in gpt2 init
         self.qkv.feeds_relu = self.proj.feeds_relu = False     # Kaiming's gain 2 would not apply
         self.n_heads, self.causal, self.dropout = n_heads, causal, dropout
-        self.sdpa = True
+        self.kind, self.identity_values = kind, identity_values
+        if kind != "softmax":                                  # the matrix's α and β, per head
+            for name, value in (("alpha", alpha), ("beta", beta)):
+                t = torch.full((n_heads,), float(value))
+                if trainable_gains:
+                    self.register_parameter(name, nn.Parameter(t))
+                else:
+                    self.register_buffer(name, t)
+        # The fused kernel computes softmax(QKᵀ/√Dh)·V only; the shaped matrices are written out.
+        self.sdpa = kind == "softmax"
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, D = x.shape
         H = self.n_heads
-        q, k, v = self.qkv(x).split(D, dim=-1)                 # 3 x (B, T, D)
+        if self.identity_values:
+            q, k = self.qkv(x).split(D, dim=-1)                # 2 x (B, T, D)
+            v = x
+        else:
+            q, k, v = self.qkv(x).split(D, dim=-1)             # 3 x (B, T, D)
         q = q.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
         k = k.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
         v = v.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
@@ -238,7 +254,7 @@ class SelfAttention(nn.Module):
                 q, k, v, is_causal=self.causal,
                 dropout_p=self.dropout if self.training else 0.0)   # (B, H, T, Dh)
         else:
-            a = self._softmax(q, k)                                 # (B, H, T, T)
+            a = self._matrix(q, k)                                  # (B, H, T, T)
             if self.training and self.dropout > 0:
                 a = F.dropout(a, self.dropout)
             y = a @ v                                               # (B, H, T, Dh)
@@ -253,14 +269,40 @@ class SelfAttention(nn.Module):
             scores = scores.masked_fill(future, float("-inf"))
         return scores.softmax(dim=-1)
 
-    def attention_weights(self, x: Tensor) -> Tensor:
-        """The softmax attention matrix, written out: x (B, T, D) -> A (B, H, T, T).
+    def _matrix(self, q: Tensor, k: Tensor) -> Tensor:
+        """The matrix that mixes the values: softmax A, αI + βA, or αI + βA − βC."""
+        a = self._softmax(q, k)                                     # (B, H, T, T)
+        if self.kind == "softmax":
+            return a
+        T = a.shape[-1]
+        alpha = self.alpha.to(a.dtype).view(-1, 1, 1)              # (H, 1, 1)
+        beta = self.beta.to(a.dtype).view(-1, 1, 1)
+        m = alpha * torch.eye(T, dtype=a.dtype, device=a.device) + beta * a
+        if self.kind == "shaped":
+            m = m - beta * uniform_attention(T, self.causal, dtype=a.dtype, device=a.device)
+        return m
 
-        The fused kernel never forms A; this is for inspection (chapter 1) and matches what
-        the kernel computes.
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """The attention matrix, written out: x (B, T, D) -> (B, H, T, T).
+
+        The softmax matrix A, or for ``kind`` "value_skipinit"/"shaped" the matrix that
+        actually mixes the values (αI + βA, αI + βA − βC). The fused kernel never forms A;
+        this is for inspection (chapters 1, 7) and matches what the kernel computes.
         """
         q, k, _ = self._heads(x)
-        return self._softmax(q, k)
+        return self._matrix(q, k)
+
+
+def uniform_attention(T: int, causal: bool, *, dtype=None, device=None) -> Tensor:
+    """C: every position attends equally to every position it may see, (T, T).
+
+    Causal: row i holds 1/(i+1) on columns 0..i. It is the softmax of all-zero scores, so
+    shaped attention αI + β·softmax(QKᵀ/√Dh) − βC equals αI when the queries are 0.
+    """
+    if not causal:
+        return torch.full((T, T), 1.0 / T, dtype=dtype, device=device)
+    lower = torch.ones(T, T, dtype=dtype, device=device).tril()
+    return lower / lower.sum(dim=-1, keepdim=True)
 
 
 class MLP(nn.Module):
@@ -291,6 +333,10 @@ class Block(nn.Module):
         X̂     = Norm1(alpha_sa·X + beta_sa·MHA(X))
         X_out = Norm2(alpha_ff·X̂ + beta_ff·MLP(X̂))
 
+    Parallel (GPT-J; He & Hofmann's SAS-P), one norm and one skip::
+
+        X_out = alpha_sa·X + beta_sa·MHA(Norm1(X)) + beta_ff·MLP(Norm1(X))
+
     ``residual=False`` sets both alphas to 0 (no skip). x: (B, T, D) -> (B, T, D).
     """
 
@@ -298,8 +344,13 @@ class Block(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.norm1 = make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps)
-        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.causal, cfg.dropout, cfg.bias)
-        self.norm2 = make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.causal, cfg.dropout, cfg.bias,
+                                  kind=cfg.attention, alpha=cfg.attn_alpha, beta=cfg.attn_beta,
+                                  trainable_gains=cfg.trainable_gains,
+                                  identity_values=cfg.identity_values)
+        # a parallel block normalises once: no second norm (its parameter count is exact)
+        self.norm2 = (nn.Identity() if cfg.parallel
+                      else make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps))
         self.mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.activation, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -312,6 +363,10 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         c = self.cfg
         a_sa, a_ff = (c.alpha_sa, c.alpha_ff) if c.residual else (0.0, 0.0)
+        if c.parallel:
+            h = self.norm1(x)
+            branches = _mix(1.0, c.beta_sa * self._attn_block(h), c.beta_ff, self._mlp_block(h))
+            return _mix(a_sa, x, 1.0, branches)
         if c.norm_placement == "pre":
             x = _mix(a_sa, x, c.beta_sa, self._attn_block(self.norm1(x)))
             x = _mix(a_ff, x, c.beta_ff, self._mlp_block(self.norm2(x)))
@@ -322,6 +377,19 @@ class Block(nn.Module):
             x = _mix(a_sa, x, c.beta_sa, self._attn_block(x))
             x = _mix(a_ff, x, c.beta_ff, self._mlp_block(x))
         return x
+
+
+def zero_queries(model: nn.Module) -> nn.Module:
+    """Set every attention's query weights and biases to 0: all scores are 0, the softmax is
+    the uniform matrix C, and shaped attention starts as exactly αI (Noci et al. 2023)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SelfAttention):
+                D = m.qkv.in_features
+                m.qkv.weight[:D].zero_()
+                if m.qkv.bias is not None:
+                    m.qkv.bias[:D].zero_()
+    return model
 
 
 def _mix(alpha: float, skip: Tensor, beta: float, branch: Tensor) -> Tensor:
@@ -350,6 +418,8 @@ class Encoder(nn.Module):
             self.final_norm = (make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps)
                                if cfg.has_final_norm else nn.Identity())
         init_weights(self, cfg.init, n_layers=cfg.n_layers, gain=cfg.init_gain, seed=seed)
+        if cfg.attention == "shaped":
+            zero_queries(self)
         self.checkpoint = False    # recompute each block in backward (``gradient_checkpointing``)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -412,6 +482,8 @@ class SequenceModel(nn.Module):
             self.head.feeds_relu = False
         init_weights(self, cfg.init, n_layers=cfg.n_layers, gain=cfg.init_gain, seed=seed,
                      embed_std=cfg.embed_std)
+        if cfg.attention == "shaped":                          # re-initialised above
+            zero_queries(self)
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -1,0 +1,136 @@
+"""He & Hofmann's simplified blocks as members of the TransformerConfig family: shaped attention,
+value-SkipInit, identity values and projections, parallel sub-blocks."""
+
+import pytest
+import torch
+
+import depthlab as dl
+from depthlab.ensemble import train_seeds
+from depthlab.models import SelfAttention, uniform_attention
+
+BASE = dl.TransformerConfig(d_model=32, n_heads=4, n_layers=3, vocab_size=16, max_len=12)
+SAS = BASE.replace(attention="shaped", identity_values=True, alpha_sa=0.0)
+SAS_P = SAS.replace(parallel=True, beta_ff=0.1)
+
+
+def _x(seed=0, T=10):
+    return torch.randn(4, T, BASE.d_model, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_uniform_attention_is_the_softmax_of_zero_scores(causal):
+    attn = SelfAttention(32, 4, causal)
+    q = k = torch.zeros(2, 4, 7, 8)
+    assert torch.allclose(attn._softmax(q, k), uniform_attention(7, causal).expand(2, 4, 7, 7))
+    c = uniform_attention(7, causal)
+    assert torch.allclose(c.sum(-1), torch.ones(7))
+    assert causal == bool((c.triu(1) == 0).all())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_shaped_attention_is_alpha_times_the_identity_at_initialisation(alpha):
+    model = dl.SequenceModel(SAS.replace(attn_alpha=alpha), seed=3)
+    x = _x()
+    for block in model.layers:
+        a = block.attn.attention_weights(x)
+        eye = alpha * torch.eye(x.shape[1]).expand_as(a)
+        assert torch.allclose(a, eye, atol=1e-6)
+        # values and projection are the identity too: the attention branch returns α·X
+        assert torch.allclose(block.attn(x), alpha * x, atol=1e-5)
+    # ... and only at initialisation: the queries are trainable
+    assert model.layers[0].attn.qkv.weight.requires_grad
+
+
+def test_shaped_attention_moves_away_from_the_identity_when_queries_do():
+    model = dl.SequenceModel(SAS, seed=0)
+    with torch.no_grad():
+        model.layers[0].attn.qkv.weight[:32].normal_(0, 1, generator=torch.Generator()
+                                                     .manual_seed(1))
+    a = model.layers[0].attn.attention_weights(_x())
+    assert (a - torch.eye(10)).abs().max() > 0.05
+    assert torch.allclose(a.sum(-1), torch.ones_like(a.sum(-1)), atol=1e-5)  # rows sum to α
+
+
+def test_value_skipinit_is_alpha_identity_plus_beta_softmax():
+    plain = dl.SequenceModel(BASE, seed=1)
+    skip = dl.SequenceModel(BASE.replace(attention="value_skipinit", attn_alpha=1.0,
+                                         attn_beta=0.3), seed=1)
+    x = _x()
+    for p_block, s_block in zip(plain.layers, skip.layers):
+        a = p_block.attn.attention_weights(x)
+        assert torch.allclose(s_block.attn.attention_weights(x), torch.eye(10) + 0.3 * a,
+                              atol=1e-6)
+
+
+def test_the_softmax_member_still_uses_the_fused_kernel_and_matches_written_out():
+    model = dl.SequenceModel(BASE, seed=2)
+    attn = model.layers[0].attn
+    assert attn.sdpa and not hasattr(attn, "alpha")
+    x = _x()
+    fused = attn(x)
+    attn.sdpa = False
+    assert torch.allclose(fused, attn(x), atol=1e-5)
+
+
+def test_parallel_block_matches_its_formula():
+    cfg = BASE.replace(parallel=True, alpha_sa=0.7, beta_sa=0.9, beta_ff=0.2)
+    block = dl.Encoder(cfg, seed=4).layers[0]
+    x = _x(5)
+    h = block.norm1(x)
+    expected = 0.7 * x + 0.9 * block.attn(h) + 0.2 * block.mlp(h)
+    assert torch.allclose(block(x), expected, atol=1e-5)
+    no_skip = dl.Encoder(cfg.replace(residual=False), seed=4).layers[0]
+    assert torch.allclose(no_skip(x), 0.9 * no_skip.attn(no_skip.norm1(x))
+                          + 0.2 * no_skip.mlp(no_skip.norm1(x)), atol=1e-5)
+
+
+def test_parameter_counts_are_exact():
+    D, H, L = 32, 4, 3
+    full = dl.models.count_parameters(dl.Encoder(BASE, seed=0))
+    per_block_v_proj = (D * D + D) * 2                  # value rows of qkv, output projection
+    per_block_norm = 2 * D                              # LayerNorm weight and bias
+    assert dl.models.count_parameters(dl.Encoder(BASE.replace(identity_values=True), seed=0)) \
+        == full - L * per_block_v_proj
+    assert dl.models.count_parameters(dl.Encoder(BASE.replace(parallel=True), seed=0)) \
+        == full - L * per_block_norm
+    trainable = BASE.replace(attention="shaped", trainable_gains=True)
+    assert dl.models.count_parameters(dl.Encoder(trainable, seed=0)) == full + L * 2 * H
+
+
+def test_trainable_gains_learn_and_fixed_gains_stay():
+    for trainable in (True, False):
+        cfg = SAS.replace(trainable_gains=trainable)
+        model = dl.SequenceModel(cfg, seed=0)
+        dl.train(model, dl.SequenceTask("sort", n=4, batch_size=16, seed=0),
+                 dl.TrainConfig(steps=5, lr=1e-2))
+        alpha = model.layers[0].attn.alpha
+        assert isinstance(alpha, torch.nn.Parameter) == trainable
+        assert (not torch.equal(alpha, torch.ones(4))) == trainable
+
+
+def test_a_seed_ensemble_of_shaped_blocks_equals_the_runs_alone():
+    cfg = dl.TrainConfig(steps=6, lr=3e-3)
+
+    def build(s):
+        return dl.SequenceModel(SAS_P.replace(trainable_gains=True), seed=s)
+
+    def data(s):
+        return dl.SequenceTask("sort", n=4, batch_size=16, seed=s)
+
+    ensemble = train_seeds(build, data, cfg, [0, 1], method="vmap")
+    alone = train_seeds(build, data, cfg, [0, 1], method="sequential")
+    for e, a in zip(ensemble, alone):
+        assert max(abs(x - y) for x, y in zip(e.history.loss, a.history.loss)) < 1e-4
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(attention="gated"), "attention"),
+    (dict(attn_alpha=0.5), "attn_alpha"),
+    (dict(attention="shaped", attn_beta=-1.0), "attn_beta"),
+    (dict(parallel=True, norm_placement="post"), "parallel"),
+    (dict(parallel=True, alpha_ff=0.5), "alpha_ff"),
+    (dict(identity_values="yes"), "identity_values"),
+])
+def test_invalid_block_settings_name_the_field(change, field):
+    with pytest.raises(dl.ConfigError, match=field):
+        BASE.replace(**change)
