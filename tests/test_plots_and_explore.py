@@ -176,3 +176,41 @@ def test_showing_a_defective_figure_raises_when_checks_are_on(monkeypatch):
     monkeypatch.setenv("DEPTHLAB_FIGURE_CHECK", "1")
     with pytest.raises(plots.FigureProblem, match="no label"):
         fig._repr_png_()
+
+
+def test_ticks_outside_a_log_view_are_not_reported():
+    """A tick two decades below a log axis's view is not drawn; it must not count as cut off."""
+    import numpy as np
+
+    from depthlab import plots
+
+    fig, axes = plots.figure(width=6.2, takeaway="a profile over ten decades")
+    ax = axes[0, 0]
+    ax.semilogy(np.arange(20), np.logspace(-11, -0.1, 20))
+    ax.set_ylim(8.6e-12, 0.84)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("gradient norm")
+    plots._renderer(fig)
+    drawn = [t.get_text() for t in plots._drawn_tick_labels(ax, ax.yaxis)]
+    assert "$\\mathdefault{10^{-13}}$" not in drawn and "$\\mathdefault{10^{-11}}$" in drawn
+    assert plots.figure_problems(fig) == []
+
+
+def test_colliding_log_labels_are_thinned():
+    """Over a decade and a half matplotlib labels 2, 3, 4, 6 × 10^k on a log axis; on a narrow
+    panel they collide. tidy_log_ticks keeps 2 and 5 × 10^k and the powers of ten."""
+    import numpy as np
+
+    from depthlab import plots
+
+    fig, axes = plots.figure(2, takeaway="measured against predicted")
+    x = np.array([0.025, 0.08, 0.1, 0.2, 0.3, 0.8])
+    for ax in axes[0]:
+        ax.loglog(x, x, "o")
+        ax.set_xlabel("predicted sd")
+        ax.set_ylabel("measured sd")
+    assert any("overlap" in p for p in plots.figure_problems(fig))
+    plots.tidy_log_ticks(fig)
+    assert plots.figure_problems(fig) == []
+    plots._renderer(fig)
+    assert len(plots._drawn_tick_labels(axes[0, 0], axes[0, 0].xaxis)) >= 3

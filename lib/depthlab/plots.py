@@ -48,6 +48,10 @@ class BookFigure(Figure):
         import io
 
         place_legends(self)
+        for _ in range(3):              # thinning labels changes the layout, and so can legends
+            if not tidy_log_ticks(self):
+                break
+            place_legends(self)
         if os.environ.get(CHECK_ENV):
             check_figure(self)
         buf = io.BytesIO()
@@ -280,15 +284,58 @@ def figure_problems(fig: Figure) -> list[str]:
     return problems
 
 
-def _drawn_tick_labels(ax: Axes) -> list:
-    """The tick labels matplotlib actually draws: those within the view limits."""
+def tidy_log_ticks(fig: Figure) -> bool:
+    """Thin the labels of a log axis whose labels collide; True if any axis changed.
+
+    On a log axis spanning a decade or two matplotlib labels the minor ticks too (2×10⁻²,
+    3×10⁻², 4×10⁻², ...), and on a narrow panel they run into each other; which axes do depends
+    on the data, so a figure fine at one seed is unreadable at another. Where labels collide,
+    minor ticks are kept at 2 and 5 × 10^k only, and if those still collide, only the powers
+    of ten are labelled.
+    """
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
+
+    renderer = _renderer(fig)
+    changed = False
+    for ax in fig.axes:
+        if not ax.get_visible() or not ax.axison or _is_colorbar(ax):
+            continue
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() != "log":
+                continue
+            for step in ("1-2-5", "powers of ten", "done"):
+                boxes = [t.get_window_extent(renderer) for t in _drawn_tick_labels(ax, axis)]
+                if not any(_overlaps(a, b, pad=1.0) for i, a in enumerate(boxes)
+                           for b in boxes[i + 1:]) or step == "done":
+                    break
+                if step == "1-2-5":
+                    axis.set_minor_locator(LogLocator(base=10.0, subs=(2.0, 5.0)))
+                    axis.set_minor_formatter(LogFormatterSciNotation(
+                        labelOnlyBase=False, minor_thresholds=(np.inf, np.inf)))
+                else:
+                    axis.set_minor_formatter(NullFormatter())
+                changed = True
+                renderer = _renderer(fig)
+    return changed
+
+
+def _drawn_tick_labels(ax: Axes, only=None) -> list:
+    """The tick labels matplotlib actually draws: those within the view limits (of ``only``,
+    one of the two axes, if given)."""
     labels = []
-    for axis in (ax.xaxis, ax.yaxis):
-        lo, hi = sorted(axis.get_view_interval())
+    for axis in (ax.xaxis, ax.yaxis) if only is None else (only,):
+        # compare in the axis's own scale: on a log axis a tick two decades below the view
+        # is far outside it, however small its distance in data units
+        scale = axis.get_transform()
+        lo, hi = sorted(scale.transform(np.asarray(axis.get_view_interval(), dtype=float)))
         span = (hi - lo) or 1.0
         for tick in axis.get_major_ticks() + axis.get_minor_ticks():
             loc = tick.get_loc()
-            if loc is None or not (lo - 1e-9 * span <= loc <= hi + 1e-9 * span):
+            if loc is None:
+                continue
+            with np.errstate(divide="ignore", invalid="ignore"):
+                at = float(scale.transform(np.array([loc], dtype=float))[0])
+            if not (np.isfinite(at) and lo - 1e-9 * span <= at <= hi + 1e-9 * span):
                 continue
             for label in (tick.label1, tick.label2):
                 if label.get_visible() and label.get_text():
