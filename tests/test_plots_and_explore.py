@@ -214,3 +214,18 @@ def test_colliding_log_labels_are_thinned():
     assert plots.figure_problems(fig) == []
     plots._renderer(fig)
     assert len(plots._drawn_tick_labels(axes[0, 0], axes[0, 0].xaxis)) >= 3
+
+
+def test_a_y_label_taller_than_its_panel_is_broken_onto_two_lines():
+    from depthlab import plots
+
+    fig, axes = plots.figure(2, height=2.4, takeaway="a takeaway line above two short panels")
+    for ax in axes[0]:
+        ax.plot([0, 1], [0, 1])
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out accuracy after 100 steps of training")
+    assert any("y label" in p for p in plots.figure_problems(fig))
+    assert plots.fit_axis_labels(fig)
+    assert "\n" in axes[0, 1].get_ylabel()
+    assert plots.figure_problems(fig) == []
+    assert not plots.fit_axis_labels(fig)            # nothing left to do

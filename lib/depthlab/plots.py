@@ -49,7 +49,7 @@ class BookFigure(Figure):
 
         place_legends(self)
         for _ in range(3):              # thinning labels changes the layout, and so can legends
-            if not tidy_log_ticks(self):
+            if not (tidy_log_ticks(self) | fit_axis_labels(self)):
                 break
             place_legends(self)
         if os.environ.get(CHECK_ENV):
@@ -316,6 +316,33 @@ def tidy_log_ticks(fig: Figure) -> bool:
                     axis.set_minor_formatter(NullFormatter())
                 changed = True
                 renderer = _renderer(fig)
+    return changed
+
+
+def fit_axis_labels(fig: Figure) -> bool:
+    """Break a y label taller than its panel onto two lines; True if any label changed.
+
+    How tall a panel ends up depends on its tick labels and legends, hence on the data: a label
+    that fits at one seed can reach into the takeaway line at another.
+    """
+    renderer = _renderer(fig)
+    changed = False
+    for ax in fig.axes:
+        label = ax.yaxis.label
+        text = label.get_text()
+        if (not ax.get_visible() or not text or "\n" in text
+                or label.get_window_extent(renderer).height
+                <= ax.get_window_extent(renderer).height):
+            continue
+        words = text.split(" ")
+        if len(words) < 2:
+            continue
+        cut = min(range(1, len(words)),
+                  key=lambda k: abs(len(" ".join(words[:k])) - len(" ".join(words[k:]))))
+        label.set_text(" ".join(words[:cut]) + "\n" + " ".join(words[cut:]))
+        changed = True
+    if changed:
+        _renderer(fig)
     return changed
 
 
