@@ -191,8 +191,10 @@ def test_ticks_outside_a_log_view_are_not_reported():
     ax.set_xlabel("layer")
     ax.set_ylabel("gradient norm")
     plots._renderer(fig)
-    drawn = [t.get_text() for t in plots._drawn_tick_labels(ax, ax.yaxis)]
-    assert "$\\mathdefault{10^{-13}}$" not in drawn and "$\\mathdefault{10^{-11}}$" in drawn
+    drawn = {t.get_text() for t in plots._drawn_tick_labels(ax, ax.yaxis)}
+    outside = {t.label1.get_text() for t in ax.yaxis.get_major_ticks()
+               if t.get_loc() is not None and not 8.6e-12 <= t.get_loc() <= 0.84}
+    assert drawn and not drawn & outside
     assert plots.figure_problems(fig) == []
 
 
@@ -200,6 +202,7 @@ def test_colliding_log_labels_are_thinned():
     """Over a decade and a half matplotlib labels 2, 3, 4, 6 × 10^k on a log axis; on a narrow
     panel they collide. tidy_log_ticks keeps 2 and 5 × 10^k and the powers of ten."""
     import numpy as np
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator
 
     from depthlab import plots
 
@@ -209,6 +212,10 @@ def test_colliding_log_labels_are_thinned():
         ax.loglog(x, x, "o")
         ax.set_xlabel("predicted sd")
         ax.set_ylabel("measured sd")
+        # what matplotlib does on such a range (which minor ticks it labels varies by version)
+        ax.xaxis.set_minor_locator(LogLocator(base=10.0, subs=tuple(range(2, 10))))
+        ax.xaxis.set_minor_formatter(LogFormatterSciNotation(
+            labelOnlyBase=False, minor_thresholds=(np.inf, np.inf)))
     assert any("overlap" in p for p in plots.figure_problems(fig))
     plots.tidy_log_ticks(fig)
     assert plots.figure_problems(fig) == []
