@@ -13,14 +13,10 @@ Run from the repository root: ``.venv/bin/python benchmarks/budget.py`` (about 1
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import nbformat
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -31,18 +27,14 @@ CHAPTER_BUDGET, BOOK_BUDGET = 90.0, 360.0
 
 
 def alone(paths: list[Path]) -> tuple[float, list[str]]:
-    env = dict(os.environ, DEPTHLAB_STATIC="1", DEPTHLAB_QUIET="1")
-    env.pop("DEPTHLAB_LEDGER", None)
+    env = execute.kernel_env(None)          # as the build runs a kernel, on both cores
     total, over = 0.0, []
     print(f"{'chapter, alone on 2 cores':32s} {'seconds':>8s}  budget {CHAPTER_BUDGET:.0f} s")
     for path in paths:
-        nb = nbformat.read(path, as_version=4)
-        start = time.perf_counter()
-        NotebookClient(nb, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": str(path.parent)}}).execute(env=env)
-        seconds = time.perf_counter() - start
+        _, seconds, error = execute._execute_one(str(path), env)
         total += seconds
-        flag = "" if seconds <= CHAPTER_BUDGET else "  OVER BUDGET"
+        flag = ("  FAILED" if error else "") + ("" if seconds <= CHAPTER_BUDGET
+                                               else "  OVER BUDGET")
         if flag:
             over.append(path.name)
         print(f"{path.name:32s} {seconds:8.1f}  ({seconds / CHAPTER_BUDGET:.0%} of budget){flag}")

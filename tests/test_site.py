@@ -63,8 +63,8 @@ def browser():
         b.close()
 
 
-def _open(browser, url):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+def _open(browser, url, width=1280):
+    page = browser.new_page(viewport={"width": width, "height": 900})
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))   # JS exceptions, not network
     page.goto(url, wait_until="load")
@@ -185,10 +185,7 @@ def test_one_search_box_and_a_real_landing_page(server, browser):
     head = (HTML / "index.html").read_text().split("<body")[0].lower()
     assert 'http-equiv="refresh"' not in head
     for width in (800, 1280):
-        page = browser.new_page(viewport={"width": width, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda exc, errors=errors: errors.append(str(exc)))
-        page.goto(f"{server}/index.html", wait_until="load")
+        page, errors = _open(browser, f"{server}/index.html", width)
         assert "Deep & Stable" in page.locator("main").inner_text()
         visible = page.eval_on_selector_all(
             ".search-button__button, input[type=search]",

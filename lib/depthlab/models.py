@@ -379,12 +379,13 @@ class Block(nn.Module):
         return x
 
 
-def zero_queries(model: nn.Module) -> nn.Module:
-    """Set every attention's query weights and biases to 0: all scores are 0, the softmax is
-    the uniform matrix C, and shaped attention starts as exactly αI (Noci et al. 2023)."""
+def zero_queries(model: nn.Module, only_shaped: bool = False) -> nn.Module:
+    """Set every attention's query weights and biases to 0 (with ``only_shaped``, those of
+    shaped attention only): all scores are 0, the softmax is the uniform matrix C, and shaped
+    attention starts as exactly αI (Noci et al. 2023). ``init_weights`` calls it."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, SelfAttention):
+            if isinstance(m, SelfAttention) and (m.kind == "shaped" or not only_shaped):
                 D = m.qkv.in_features
                 m.qkv.weight[:D].zero_()
                 if m.qkv.bias is not None:
@@ -418,8 +419,6 @@ class Encoder(nn.Module):
             self.final_norm = (make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps)
                                if cfg.has_final_norm else nn.Identity())
         init_weights(self, cfg.init, n_layers=cfg.n_layers, gain=cfg.init_gain, seed=seed)
-        if cfg.attention == "shaped":
-            zero_queries(self)
         self.checkpoint = False    # recompute each block in backward (``gradient_checkpointing``)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -482,8 +481,6 @@ class SequenceModel(nn.Module):
             self.head.feeds_relu = False
         init_weights(self, cfg.init, n_layers=cfg.n_layers, gain=cfg.init_gain, seed=seed,
                      embed_std=cfg.embed_std)
-        if cfg.attention == "shaped":                          # re-initialised above
-            zero_queries(self)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -653,6 +650,8 @@ def init_weights(model: nn.Module, scheme: str, *, n_layers: int = 1, gain: floa
             std = embed_std if embed_std is not None else (0.02 if scheme == "gpt2" else 1.0)
             with torch.no_grad():
                 _fill(module.weight, lambda t, s=std: t.normal_(0.0, s, generator=g))
+    # shaped attention starts as exactly αI whatever the scheme: its queries start at 0
+    zero_queries(model, only_shaped=True)
     return model
 
 
