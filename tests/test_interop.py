@@ -23,11 +23,22 @@ def test_a_layer_with_other_heads_is_refused_naming_the_field():
     ({"mlp_ratio": 4.0}, "d_mlp"), ({"activation": "gelu"}, "activation"),
     ({"norm_eps": 1e-6}, "norm_eps"), ({"norm_placement": "pre"}, "norm_placement"),
     ({"bias": False}, "bias"), ({"beta_ff": 0.5}, "beta_ff"),
+    ({"attention": "shaped"}, "attention"), ({"attention": "value_skipinit"}, "attention"),
+    ({"parallel": True, "norm_placement": "pre"}, "parallel"),
 ])
 def test_every_setting_that_changes_the_function_is_compared(change, field):
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     block = dl.Block(dl.config_from_torch_layer(layer, **change))
     with pytest.raises(ValueError, match=field):
+        dl.load_torch_encoder_layer(block, layer)
+
+
+def test_a_block_without_values_is_refused_before_any_copy():
+    """identity_values has no value or output matrix to copy into: refused by name, not by a
+    shape error halfway through the copy."""
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    block = dl.Block(dl.config_from_torch_layer(layer, identity_values=True))
+    with pytest.raises(ValueError, match="identity_values"):
         dl.load_torch_encoder_layer(block, layer)
 
 

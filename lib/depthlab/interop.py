@@ -3,7 +3,7 @@
 "Our block is PyTorch's block" is a parity claim the book checks (chapter 0), so the loader
 refuses to copy weights into a block that computes something else: every setting that changes
 the function (width, heads, MLP width, biases, activation, epsilon, norm kind and placement,
-gains) is compared first and a mismatch is named. One copy function serves every layer that
+gains, the simplified blocks' attention, identity values and parallel layout) is compared first and a mismatch is named. One copy function serves every layer that
 stores its weights the way ``nn.MultiheadAttention`` does (``reference.TutorialEncoderLayer``
 too).
 """
@@ -63,6 +63,10 @@ def check_same_block(block: Block, want: TransformerConfig, what: str) -> None:
         ("residual", have.residual, True),
         ("alpha_sa, beta_sa, alpha_ff, beta_ff",
          (have.alpha_sa, have.beta_sa, have.alpha_ff, have.beta_ff), (1.0, 1.0, 1.0, 1.0)),
+        # He & Hofmann's simplified blocks (chapter 7) are other functions of the same weights
+        ("attention", have.attention, "softmax"),
+        ("identity_values", have.identity_values, False),
+        ("parallel", have.parallel, False),
     ]
     wrong = [f"{name}: block has {a!r}, {what} has {b!r}" for name, a, b in checks if a != b]
     if wrong:
