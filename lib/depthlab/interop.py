@@ -3,9 +3,9 @@
 "Our block is PyTorch's block" is a parity claim the book checks (chapter 0), so the loader
 refuses to copy weights into a block that computes something else: every setting that changes
 the function (width, heads, MLP width, biases, activation, epsilon, norm kind and placement,
-gains, the simplified blocks' attention, identity values and parallel layout) is compared first and a mismatch is named. One copy function serves every layer that
-stores its weights the way ``nn.MultiheadAttention`` does (``reference.TutorialEncoderLayer``
-too).
+gains, the simplified blocks' attention, identity values and parallel layout) is compared
+first and a mismatch is named. One copy function serves every layer that stores its weights
+the way ``nn.MultiheadAttention`` does (``reference.TutorialEncoderLayer`` too).
 """
 
 from __future__ import annotations
