@@ -24,6 +24,8 @@ RULES = {                     # module: the depthlab modules it must not import
     "training": {"plots", "hooks", "probes", "callbacks", "remedies", "claims", "explore"},
     "callbacks": {"models", "plots", "claims"},
     "plots": {"models", "training", "hooks", "probes", "callbacks", "remedies"},
+    # the process plumbing knows nothing of what runs in it (training imports it, not back)
+    "parallel": ALL,
 }
 
 

@@ -10,6 +10,7 @@ Modules, by concept (each introduced in chapter 0, "Setup and a tour of depthlab
 - ``training``   the one training loop (``dl.train``), with warm-up, clipping, autocast
 - ``ensemble``   one configuration on several seeds (``dl.train_seeds``), seed ensembles
 - ``parallel``   independent runs on every core or torchrun rank (``dl.sweep``)
+- ``experiments`` chapters' experiments at any scale, from the command line (torchrun)
 - ``hooks``      per-layer gradients, activations and rank collapse of any module
 - ``probes``     probes of depthlab's models against theory (attention, Jacobians)
 - ``callbacks``  measurements during training (update ratios, input drift, smoothness)
@@ -31,6 +32,7 @@ from . import (
     data,
     diagnostics,
     ensemble,
+    experiments,
     explore,
     hooks,
     interop,
@@ -74,7 +76,8 @@ from .training import (
 __version__ = "0.2.0.dev0"
 
 __all__ = [
-    "callbacks", "claims", "config", "data", "diagnostics", "ensemble", "explore", "hooks",
+    "callbacks", "claims", "config", "data", "diagnostics", "ensemble", "experiments",
+    "explore", "hooks",
     "interop", "models", "parallel", "plots", "probes", "reference", "remedies", "seeding",
     "timing", "training",
     "Block", "Callback", "ClaimBook", "ConfigError", "DataError", "DeepMLP", "Digits",
@@ -88,8 +91,8 @@ __all__ = [
 
 # The modules the tour's API table lists, in reading order (diagnostics is only re-exports).
 API_MODULES = ("seeding", "config", "models", "interop", "data", "training", "ensemble",
-               "parallel", "hooks", "probes", "callbacks", "remedies", "timing", "plots",
-               "claims", "explore", "reference")
+               "parallel", "experiments", "hooks", "probes", "callbacks", "remedies", "timing",
+               "plots", "claims", "explore", "reference")
 
 
 def api_table() -> str:

@@ -8,9 +8,10 @@ results in the order of ``points``, exactly as a plain loop would (a test checks
 
 How the work is spread, in this order:
 
-- under ``torchrun`` (``torch.distributed`` initialised with several processes), rank r takes
-  points r, r + W, r + 2W, ... and every rank gets all results back (chapter 8's large sweeps;
-  see the README's "Running at scale");
+- under ``torchrun`` (several processes; ``init_distributed`` joins them), rank r takes points
+  r, r + W, r + 2W, ... on its own device, and every rank gets all results back (the chapters'
+  large settings; see the README's "Running at scale"). Each rank trains its points alone:
+  ``dl.train`` inside such a sweep does not use DistributedDataParallel;
 - on Linux with more than one usable core, forked worker processes (the way PyTorch's
   DataLoader starts its workers): they inherit everything the notebook defined, so ``fn`` may
   be a lambda or a closure, and only its result travels back (pickled);
@@ -76,12 +77,44 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) under torch.distributed, else (0, 1)."""
+_INDEPENDENT = False    # True while a distributed sweep runs one of this rank's points
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes, once: (rank, world size).
+
+    torchrun (also under SLURM, on several nodes) starts one process per GPU or CPU slot and
+    sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``MASTER_ADDR``; it does not join them.
+    This joins with the NCCL backend where CUDA is available and gloo elsewhere, and puts each
+    process on GPU ``LOCAL_RANK`` of its node. Outside torchrun (no ``WORLD_SIZE`` > 1 in the
+    environment) it does nothing and returns (0, 1). See the README's "Running at scale".
+    """
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
+            return 0, 1
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def data_parallel_world() -> tuple[int, int]:
+    """(rank, world size) for one training run split over the processes: ``dl.train`` uses
+    DistributedDataParallel when the world is larger than 1. Inside a distributed ``sweep``
+    every rank trains its own points alone, so there the world is (0, 1)."""
+    if _INDEPENDENT:
+        return 0, 1
+    return init_distributed()
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed (joined from torchrun's environment if need
+    be), else (0, 1)."""
+    return init_distributed()
 
 
 def _can_fork() -> bool:
@@ -158,13 +191,27 @@ def sweep(fn: Callable[[P], R], points: Sequence[P], *, workers: int | None = No
 def _sweep_distributed(fn: Callable, points: list, rank: int, world: int,
                        threads: int) -> list:
     """Each rank runs points rank, rank + world, ...; all ranks receive every result."""
+    global _INDEPENDENT
     dist = torch.distributed
-    with torch_threads(threads):
-        mine = [(i, fn(points[i])) for i in range(rank, len(points), world)]
+    mine, failed = [], None
+    _INDEPENDENT = True
+    try:
+        with torch_threads(threads):
+            for i in range(rank, len(points), world):
+                try:
+                    mine.append((i, fn(points[i])))
+                except BaseException:              # tell every rank, never leave one waiting
+                    failed = (i, traceback.format_exc())
+                    break
+    finally:
+        _INDEPENDENT = False
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, mine)
+    dist.all_gather_object(gathered, (mine, failed))
     results: list = [None] * len(points)
-    for part in gathered:
+    for r, (part, fail) in enumerate(gathered):
+        if fail is not None:
+            raise RuntimeError(f"sweep: fn failed on point {fail[0]} ({points[fail[0]]!r}) on "
+                               f"rank {r}:\n{fail[1]}")
         for i, value in part:
             results[i] = value
     return results

@@ -279,13 +279,35 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig,
     The model is moved to the chosen device and left there. Reproducible on CPU for a given
     model initialisation, data seed and ``cfg.seed``. Callbacks are ended, and the progress bar
     closed, even if the run raises.
+
+    Launched with ``torchrun --nproc-per-node N`` (see the README's "Running at scale"), the same
+    call trains one model over N processes: the model is wrapped in DistributedDataParallel,
+    every rank draws the same batch and trains on its share (``shard``), the gradients are
+    averaged so that each step is the single-process step on the whole batch, every rank
+    returns the same History (whole-batch loss and accuracy) and only rank 0 draws a progress
+    bar. Build the model from the same seed on every rank. A BatchNorm then normalises with
+    each rank's own share (per-rank statistics, as ``nn.BatchNorm`` does under DDP), not the
+    whole batch's, and its running statistics are rank 0's (DDP broadcasts buffers).
     """
+    from .parallel import data_parallel_world
+
+    rank, world = data_parallel_world()
     device = pick_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())   # this rank's GPU
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters to train")
+    forward = model
+    if world > 1:
+        # One run over every process (torchrun): DistributedDataParallel averages the gradients
+        # over the ranks during backward, so every rank takes the same step.
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     callbacks = list(callbacks)
     optimizer = make_optimizer(params, cfg)
     scaler = _Scaler(device, resolve_amp(device, cfg.amp))
@@ -293,7 +315,7 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig,
     every = sync_interval(cfg, device)
     pending: list[tuple[int, float, Tensor, Tensor, Tensor, Tensor]] = []
 
-    show = _interactive() if cfg.progress is None else cfg.progress
+    show = (_interactive() if cfg.progress is None else cfg.progress) and rank == 0
     bar = None
     if show:
         from tqdm.auto import tqdm
@@ -305,25 +327,34 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig,
             cb.on_train_start(model)
             started.append(cb)
         with torch.random.fork_rng(devices=rng_devices(device)):   # dropout draws stay local
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(cfg.seed + rank)                 # each rank's own dropout masks
             for step in range(cfg.steps):
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 inputs, targets = data.batch(step)
                 _check_batch(inputs, targets, step)
+                if world > 1:                                  # this rank's share of the batch
+                    inputs, targets = shard(inputs, rank, world, step), shard(targets, rank,
+                                                                              world, step)
                 inputs, targets = inputs.to(device), targets.to(device)
                 for cb in callbacks:
                     cb.before_step(step, model)
 
                 with autocast_context(device, cfg.amp):
-                    logits = model(inputs)
-                loss, acc = loss_and_accuracy(logits, targets)
+                    logits = forward(inputs)
+                if world > 1:
+                    loss, acc, objective = _distributed_loss(logits, targets, world)
+                else:
+                    loss, acc = loss_and_accuracy(logits, targets)
+                    objective = loss
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(objective).backward()
                 scaler.unscale_(optimizer)
                 grad_norm = clip_and_norm(params, cfg.clip_norm)
                 labelled = (targets != IGNORE).sum()
+                if world > 1:                                  # labelled somewhere in the batch
+                    torch.distributed.all_reduce(labelled)
                 pending.append((step, lr, loss.detach(), acc, grad_norm.detach(), labelled))
                 if len(pending) >= every or step == cfg.steps - 1:
                     if _flush(pending, hist, scaler, check_grads=not scaler.active):
@@ -362,6 +393,37 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig,
         hist.message = (f"trained {hist.steps_run} steps: loss {hist.loss[0]:.3f} -> "
                         f"{hist.final('loss'):.3f}, accuracy {hist.final('accuracy'):.3f}")
     return hist
+
+
+def shard(batch: Tensor, rank: int, world: int, step: int = 0) -> Tensor:
+    """Rank ``rank``'s share of a batch split over ``world`` processes: consecutive rows,
+    as even as the batch size allows (``torch.tensor_split``)."""
+    part = torch.tensor_split(batch, world)[rank]
+    if part.shape[0] == 0:
+        raise DataError(f"the batch of step {step} has {batch.shape[0]} examples, fewer than "
+                        f"the {world} processes that share it: use a batch of at least {world}")
+    return part
+
+
+def _distributed_loss(logits: Tensor, targets: Tensor, world: int) -> tuple[Tensor, Tensor,
+                                                                             Tensor]:
+    """(loss, accuracy, objective) of one rank's share, for a run over ``world`` processes.
+
+    The loss and accuracy are those of the whole batch (summed over the ranks). The objective
+    is this rank's summed loss over the whole batch's labelled count, times ``world``:
+    DistributedDataParallel averages the ranks' gradients, so the step is exactly the
+    single-process step on the whole batch, even when the ranks hold different numbers of
+    labelled targets."""
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (N, C)
+    flat_targets = targets.reshape(-1)                          # (N,)
+    loss_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE, reduction="sum")
+    with torch.no_grad():
+        keep = flat_targets != IGNORE
+        hits = ((flat_logits.argmax(-1) == flat_targets) & keep).sum()
+        totals = torch.stack([loss_sum.detach(), hits.float(), keep.sum().float()])
+        torch.distributed.all_reduce(totals)                   # the whole batch's sums
+    count = totals[2].clamp(min=1.0)
+    return totals[0] / count, totals[1] / count, loss_sum * world / count
 
 
 def _flush(pending: list, hist: History, scaler: _Scaler, *, check_grads: bool) -> bool:
