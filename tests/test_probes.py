@@ -89,3 +89,18 @@ def test_running_mean_stream_follows_the_moving_average_formula():
     assert 0.8 < spread / predicted < 1.2
     assert trace.shape == (200,) and trace[0] == pytest.approx(0.3, abs=0.2)  # 0.9·0 + 0.1·x̄
     assert abs(trace[-50:].mean() - 3.0) < 0.5
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.3])
+def test_a_down_weighted_branch_is_a_smaller_learning_rate(beta):
+    """He & Hofmann's appendix A: β on the branch = β²·lr for SGD, β·lr for Adam (ε = 0); the
+    other scaling of the learning rate does not match."""
+    from depthlab.probes import branch_after_one_step
+
+    w = torch.randn(16, 16, generator=torch.Generator().manual_seed(1)) / 4
+    for opt, right, wrong in (("sgd", beta ** 2, beta), ("adam", beta, beta ** 2)):
+        down = branch_after_one_step(w, beta, 0.01, opt)
+        assert (down - branch_after_one_step(beta * w, 1.0, 0.01 * right, opt)).abs().max() < 1e-5
+        assert (down - branch_after_one_step(beta * w, 1.0, 0.01 * wrong, opt)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="optimizer"):
+        branch_after_one_step(w, beta, 0.01, "lbfgs")

@@ -234,3 +234,30 @@ def running_mean_stream(momentum: float, batch_size: int, *, mean: float = 0.0,
             bn(mean + sd * torch.randn(batch_size, features, generator=g))
             trace[step] = float(bn.running_mean[0])
     return float(bn.running_mean.std()), trace
+
+
+def branch_after_one_step(weight: Tensor, beta: float, lr: float, optimizer: str = "sgd", *,
+                          seed: int = 0, eps: float = 0.0) -> Tensor:
+    """The output of a residual branch ``y = x + beta·W x`` after one optimiser step on W.
+
+    He & Hofmann's appendix A (chapter 7): a branch down-weighted by β and trained at learning
+    rate η moves exactly like the full branch ``y = x + V x``, started at ``V = β·W``, trained
+    at β²η with SGD (the gradient with respect to V is the one with respect to W over β, and
+    the step on W counts β times in the output), or at βη with Adam, whose first step does not
+    depend on the gradient's scale (exactly so with ``eps=0``, Adam's ε here; PyTorch's default
+    1e-8 breaks it by a relative ε/|g|). Compare two calls to see it: a squared-error loss
+    against a random target on a random probe batch, both drawn from ``seed``. weight: (D, D);
+    returns the output on the probe after the step, (32, D).
+    """
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer={optimizer!r}; choose 'sgd' or 'adam'")
+    d = weight.shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    x, target = torch.randn(32, d, generator=g), torch.randn(32, d, generator=g)
+    w = nn.Parameter(weight.detach().clone())
+    opt = (torch.optim.SGD([w], lr=lr) if optimizer == "sgd"
+           else torch.optim.Adam([w], lr=lr, eps=eps))
+    (x + beta * x @ w.T - target).pow(2).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        return x + beta * x @ w.T
