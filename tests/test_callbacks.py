@@ -1,4 +1,6 @@
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +97,53 @@ def test_drift_is_zero_when_nothing_moves_and_noise_raises_it():
     for step in range(3):
         noisy.after_step(step, _bn_mlp(norm_noise=0.5))
     assert (noisy.drift()[1:] > 0.1).all()
+
+
+def test_attention_logit_stats_on_a_hand_computed_case():
+    """One head, two tokens, queries and keys set by hand: the logits and entropies are
+    computed here on paper."""
+    import math
+
+    from depthlab.callbacks import attention_logit_stats
+
+    cfg = dl.TransformerConfig(d_model=2, n_heads=1, n_layers=1, vocab_size=4, max_len=4,
+                               bias=False, mlp_ratio=1.0)
+    model = dl.Encoder(cfg, seed=0)
+    attn = model.layers[0].attn
+    with torch.no_grad():
+        attn.qkv.weight.zero_()
+        attn.qkv.weight[0:2] = torch.eye(2) * 3.0          # W_Q = 3·I
+        attn.qkv.weight[2:4] = torch.eye(2)                # W_K = I
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])           # (B=1, T=2, D=2)
+    # LayerNorm first (Pre-LN): each token becomes (1, -1) or (-1, 1)
+    with torch.no_grad():
+        h = model.layers[0].norm1(x)
+    q, k = 3 * h, h
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(2)      # row 1 sees tokens 0 and 1
+    expected_max = float(logits[0, 1].abs().max())
+    p = torch.softmax(logits[0, 1], -1)
+    expected_entropy = (0.0 + float(-(p * p.log()).sum())) / 2    # row 0 sees one token
+    biggest, entropy = attention_logit_stats(model, x)
+    assert biggest[0] == pytest.approx(expected_max, rel=1e-5)
+    assert entropy[0] == pytest.approx(expected_entropy, rel=1e-5)
+    assert expected_max == pytest.approx(3 * 2 / math.sqrt(2), rel=1e-3)     # 3·‖h‖²/√2
+
+
+def test_attention_logits_callback_records_without_changing_the_run():
+    from depthlab.callbacks import AttentionLogits
+
+    cfg = dl.TransformerConfig(d_model=16, n_heads=2, n_layers=2, max_len=8)
+    task = dl.SequenceTask("copy", n=4, batch_size=8, seed=0)
+    train_cfg = dl.TrainConfig(steps=6, lr=1e-2, seed=0, progress=False)
+    plain = dl.train(dl.SequenceModel(cfg, seed=0), task, train_cfg)
+    watch = AttentionLogits(task.batch(99)[0], every=2)
+    watched = dl.train(dl.SequenceModel(cfg, seed=0), task, train_cfg, [watch])
+    assert watched.loss == plain.loss                      # bit for bit
+    assert watch.steps == [0, 2, 4]
+    assert all(a.shape == (2,) for a in watch.max_logit)
+    assert 0 < watch.entropy[0].max() <= math.log(8)
+    assert set(watched.extras[2]) == {"attn_logit/0", "attn_logit/1", "attn_entropy/0",
+                                      "attn_entropy/1"}
+    with pytest.raises(ValueError, match="attention module"):
+        from depthlab.callbacks import attention_logit_stats
+        attention_logit_stats(dl.DeepMLP(dl.MLPConfig(depth=2)), torch.randn(4, 64))

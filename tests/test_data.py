@@ -103,3 +103,22 @@ def test_tensor_data_samples_in_proportion_to_weights():
         TensorData(x, y, weights=torch.zeros(4))
     with pytest.raises(dl.ConfigError, match="targets"):
         TensorData(x, y[:3])
+
+
+def test_char_text_predicts_the_next_character_and_is_reproducible():
+    from depthlab.data import CharText
+
+    text = CharText(seq_len=16, batch_size=4, seed=0)
+    x, y = text.batch(3)
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])                    # targets: the next character
+    assert int(x.min()) >= 0 and int(x.max()) < text.vocab_size == 97
+    x2, _ = CharText(seq_len=16, batch_size=4, seed=0).batch(3)
+    assert torch.equal(x, x2)
+    assert not torch.equal(x, CharText(seq_len=16, batch_size=4, seed=1).batch(3)[0])
+    words = text.decode(x[0].tolist())
+    assert len(words) == 16 and sum(c.isalpha() or c == " " for c in words) > 8
+    ex, ey = text.eval_batch(8)
+    assert ex.shape == (8, 16) and torch.equal(ex[:, 1:], ey[:, :-1])
+    with pytest.raises(dl.ConfigError, match="seq_len"):
+        CharText(seq_len=0)

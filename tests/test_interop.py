@@ -24,7 +24,7 @@ def test_a_layer_with_other_heads_is_refused_naming_the_field():
     ({"norm_eps": 1e-6}, "norm_eps"), ({"norm_placement": "pre"}, "norm_placement"),
     ({"bias": False}, "bias"), ({"beta_ff": 0.5}, "beta_ff"),
     ({"attention": "shaped"}, "attention"), ({"attention": "value_skipinit"}, "attention"),
-    ({"parallel": True, "norm_placement": "pre"}, "parallel"),
+    ({"parallel": True, "norm_placement": "pre"}, "parallel"), ({"qk_norm": True}, "qk_norm"),
 ])
 def test_every_setting_that_changes_the_function_is_compared(change, field):
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)

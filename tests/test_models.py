@@ -239,3 +239,32 @@ def test_noisy_batchnorm_moves_the_distribution_in_training_only():
     assert torch.allclose(noisy(x), clean(x))              # eval mode: no noise
     mlp = dl.DeepMLP(dl.MLPConfig(depth=2, norm_kind="batch", norm_noise=0.2))
     assert mlp.layers[0].norm.noise == 0.2
+
+
+def test_qk_layernorm_bounds_the_attention_logits_whatever_the_weight_scale():
+    """With qk_norm every head's query and key have norm √Dh (LayerNorm at unit gain), so
+    |q·k|/√Dh ≤ √Dh; without it the logits grow with the square of the weights' scale."""
+    import math
+
+    cfg = dl.TransformerConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=16, max_len=12)
+    x = torch.randn(3, 10, 32, generator=torch.Generator().manual_seed(0))
+    biggest = {}
+    for qk_norm in (False, True):
+        block = dl.Encoder(cfg.replace(qk_norm=qk_norm), seed=0).layers[0]
+        with torch.no_grad():
+            block.attn.qkv.weight.mul_(30.0)
+            logits = block.attn.attention_logits(x)
+        assert logits.shape == (3, 4, 10, 10)
+        assert torch.isinf(logits[..., 0, 1:]).all()                   # the future is masked
+        biggest[qk_norm] = float(logits[torch.isfinite(logits)].abs().max())
+    assert biggest[True] <= math.sqrt(8) + 1e-4
+    assert biggest[False] > 10 * math.sqrt(8)
+    # the logits are the ones the softmax uses: they reproduce the attention matrix
+    block = dl.Encoder(cfg.replace(qk_norm=True), seed=1).layers[0]
+    with torch.no_grad():
+        assert torch.allclose(block.attn.attention_logits(x).softmax(-1),
+                              block.attn.attention_weights(x), atol=1e-6)
+        block.attn.sdpa = False
+        written = block.attn(x)
+        block.attn.sdpa = True
+        assert torch.allclose(written, block.attn(x), atol=1e-5)   # fused path normalises too

@@ -329,3 +329,62 @@ def test_train_and_evaluate_needs_held_out_data_it_can_find():
     _, acc = dl.train_and_evaluate(model, data, dl.TrainConfig(steps=2),
                                    held_out=dl.Digits().test)
     assert 0.0 <= acc <= 1.0
+
+
+def test_z_loss_adds_the_mean_squared_log_normaliser_and_the_history_keeps_the_cross_entropy():
+    """PaLM's z-loss: the gradient is that of CE + z·mean(log² Z) over the labelled positions,
+    written out here by hand; the recorded loss is the cross-entropy alone."""
+    from depthlab.training import objective
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, 7, generator=g, requires_grad=True)
+    targets = torch.randint(0, 7, (4, 5), generator=g)
+    targets[:, :2] = dl.IGNORE
+    cfg = dl.TrainConfig(z_loss=1e-2)
+    minimised, ce, _ = objective(logits, targets, cfg)
+    keep = targets != dl.IGNORE
+    by_hand = (torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+               + 1e-2 * torch.logsumexp(logits[keep], -1).pow(2).mean())
+    assert torch.allclose(minimised, by_hand, atol=1e-6)
+    assert torch.allclose(ce, torch.nn.functional.cross_entropy(logits[keep], targets[keep]))
+    # it acts: the z-loss pulls log Z toward 0 in training, the plain run does not
+    task = dl.SequenceTask("copy", n=4, batch_size=16, seed=0)
+    cfg_model = dl.TransformerConfig(d_model=16, n_heads=2, n_layers=1, max_len=8)
+    log_z = {}
+    for z in (0.0, 1.0):
+        model = dl.SequenceModel(cfg_model, seed=0)
+        hist = dl.train(model, task, dl.TrainConfig(steps=30, lr=1e-2, z_loss=z, seed=0,
+                                                    progress=False))
+        x, _ = task.batch(0)
+        with torch.no_grad():
+            log_z[z] = float(torch.logsumexp(model(x), -1).abs().mean())
+        assert all(math.isfinite(v) for v in hist.loss)
+    assert log_z[1.0] < 0.5 * log_z[0.0], log_z
+    with pytest.raises(dl.ConfigError, match="z_loss"):
+        dl.TrainConfig(z_loss=-1.0)
+
+
+def test_the_seed_ensemble_applies_the_z_loss_too():
+    from depthlab.ensemble import train_seeds
+
+    cfg_model = dl.TransformerConfig(d_model=16, n_heads=2, n_layers=1, max_len=8)
+    cfg = dl.TrainConfig(steps=5, lr=1e-2, z_loss=0.5, progress=False)
+    build = lambda s: dl.SequenceModel(cfg_model, seed=s)          # noqa: E731
+    data = lambda s: dl.SequenceTask("copy", n=4, batch_size=8, seed=s)  # noqa: E731
+    vmapped = train_seeds(build, data, cfg, [0, 1], method="vmap")
+    alone = train_seeds(build, data, cfg, [0, 1], method="sequential")
+    for a, b in zip(vmapped, alone):
+        assert a.history.loss == pytest.approx(b.history.loss, abs=1e-4)
+
+
+def test_lr_sensitivity_is_the_mean_excess_over_the_best_rate_with_failures_capped():
+    from depthlab.training import lr_sensitivity
+
+    assert lr_sensitivity({1e-3: 2.0, 1e-2: 1.5, 1e-1: 1.5}, init_loss=4.0) == pytest.approx(
+        (0.5 + 0 + 0) / 3)
+    # a divergence and a run worse than the start both count as the loss at initialisation
+    assert lr_sensitivity({1e-3: 2.0, 1e-2: float("nan"), 1e-1: 9.0}, init_loss=4.0) == \
+        pytest.approx((0 + 2 + 2) / 3)
+    assert lr_sensitivity({1e-3: 1.0}, init_loss=4.0) == 0.0
+    with pytest.raises(ValueError):
+        lr_sensitivity({}, init_loss=4.0)

@@ -49,7 +49,7 @@ from . import (
 from .callbacks import LayerGradNorms, UpdateRatio
 from .claims import ClaimBook, above, below, between
 from .config import ConfigError, MLPConfig, TrainConfig, TransformerConfig
-from .data import IGNORE, Digits, SequenceTask
+from .data import IGNORE, CharText, Digits, SequenceTask
 from .ensemble import Run, train_seeds
 from .hooks import (
     LayerProfile,
@@ -80,7 +80,7 @@ __all__ = [
     "explore", "hooks",
     "interop", "models", "parallel", "plots", "probes", "reference", "remedies", "seeding",
     "timing", "training",
-    "Block", "Callback", "ClaimBook", "ConfigError", "DataError", "DeepMLP", "Digits",
+    "Block", "Callback", "CharText", "ClaimBook", "ConfigError", "DataError", "DeepMLP", "Digits",
     "Encoder", "History", "IGNORE", "LayerGradNorms", "LayerProfile", "MLPConfig",
     "SequenceModel", "SequenceTask", "TrainConfig", "TransformerConfig", "UpdateRatio", "above",
     "below", "between", "config_from_torch_layer", "evaluate", "find_layers",

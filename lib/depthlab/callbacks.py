@@ -307,3 +307,62 @@ class Smoothness(Callback):
         finite = all(math.isfinite(v) for v in losses + betas)
         self.loss_range.append(max(losses) - min(losses) if finite else math.inf)
         self.beta.append(max(betas) if finite else math.inf)
+
+
+def attention_logit_stats(model: nn.Module, inputs: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per attention module of ``model``, in order: the largest |attention logit| and the mean
+    entropy (nats) of the attention rows, on one batch; the model untouched.
+
+    An attention module is any submodule with ``attention_logits(x)`` (depthlab's
+    ``SelfAttention``; chapter 8). The logits are QKᵀ/√Dh over the positions a token may see;
+    the entropy is that of softmax(logits) per row, ln(i + 1) at most for row i of a causal
+    model and 0 for attention on a single position.
+    """
+    modules = [m for m in model.modules() if callable(getattr(m, "attention_logits", None))]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention module with "
+                         "attention_logits(x) to measure")
+    biggest, entropy = [], []
+
+    def measure(module, args):
+        logits = module.attention_logits(args[0]).detach().double()   # (B, H, T, T)
+        seen = torch.isfinite(logits)
+        biggest.append(float(logits.masked_fill(~seen, 0.0).abs().max()))
+        p = logits.softmax(-1)
+        plogp = torch.where(p > 0, p * p.log(), torch.zeros_like(p))
+        entropy.append(float(-plogp.sum(-1).mean()))
+
+    handles = [m.register_forward_pre_hook(measure) for m in modules]
+    with probing(model):
+        run_once(model, inputs.to(device_of(model)), handles)
+    return np.array(biggest), np.array(entropy)
+
+
+class AttentionLogits(Callback):
+    """The attention logits' growth during training (Dehghani et al. 2023; chapter 8).
+
+    Every ``every`` steps (and at the last step) the probe inputs go through the model and
+    ``attention_logit_stats`` records, per attention module, the largest |logit| and the mean
+    row entropy. Results: ``self.steps``, ``self.max_logit`` and ``self.entropy`` (lists of
+    (L,) arrays, one per record); the loop's extras get ``attn_logit/<l>`` and
+    ``attn_entropy/<l>``. Measures inside ``hooks.probing``: the run is the run it would have
+    been unwatched.
+    """
+
+    def __init__(self, probe: Tensor, every: int = 10) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} must be an integer >= 1")
+        self.probe, self.every = probe, every
+        self.steps: list[int] = []
+        self.max_logit: list[np.ndarray] = []
+        self.entropy: list[np.ndarray] = []
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        if step % self.every:
+            return None
+        biggest, entropy = attention_logit_stats(model, self.probe)
+        self.steps.append(step)
+        self.max_logit.append(biggest)
+        self.entropy.append(entropy)
+        return {**{f"attn_logit/{i}": float(v) for i, v in enumerate(biggest)},
+                **{f"attn_entropy/{i}": float(v) for i, v in enumerate(entropy)}}

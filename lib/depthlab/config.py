@@ -157,6 +157,7 @@ class TransformerConfig(_Config):
     trainable_gains: bool = False  # α and β of the attention matrix become parameters, per head
     identity_values: bool = False  # values and output projection fixed to the identity
     parallel: bool = False     # attention and MLP side by side on one normalised input
+    qk_norm: bool = False      # LayerNorm on each head's queries and keys (Dehghani et al. 2023)
     vocab_size: int = 16       # tokens; used by SequenceModel only
     max_len: int = 64          # longest sequence for learned positions; SequenceModel only
 
@@ -183,7 +184,7 @@ class TransformerConfig(_Config):
         _number(self, "norm_eps", 0.0, low_open=True)
         _number(self, "dropout", 0.0, 1.0)
         for name in ("residual", "causal", "bias", "trainable_gains", "identity_values",
-                     "parallel"):
+                     "parallel", "qk_norm"):
             _boolean(self, name)
         _choice(self, "attention", ATTENTION_KINDS)
         for name in ("attn_alpha", "attn_beta"):
@@ -306,6 +307,7 @@ class TrainConfig(_Config):
     eps: float = 1e-8           # Adam's epsilon (PyTorch's default)
     momentum: float = 0.9       # SGD only
     weight_decay: float = 0.0
+    z_loss: float = 0.0         # adds z_loss · mean(log² Z) of the output logits (PaLM: 1e-4)
     warmup_steps: int = 0       # linear warm-up from lr/warmup_steps to lr; 0 = none
     schedule: str = "constant"  # after warm-up: "constant", "cosine" (to 0) or "linear" (to 0)
     clip_norm: float | None = None  # clip the global gradient norm to this value; None = off
@@ -331,6 +333,7 @@ class TrainConfig(_Config):
         _number(self, "eps", 0.0)
         _number(self, "momentum", 0.0, 1.0)
         _number(self, "weight_decay", 0.0)
+        _number(self, "z_loss", 0.0)
         _positive_int(self, "warmup_steps", minimum=0)
         _choice(self, "schedule", SCHEDULES)
         if self.clip_norm is not None:

@@ -1,5 +1,5 @@
-"""Data: synthetic sequence tasks made from a seed, scikit-learn's digits, a covariate-shift
-problem and tools to reweight it (chapter 4). No downloads.
+"""Data: synthetic sequence tasks made from a seed, text that ships with Python, scikit-learn's
+digits, a covariate-shift problem and tools to reweight it (chapter 4). No downloads.
 
 Every data source answers ``batch(step) -> (inputs, targets)`` deterministically from its seed
 and the step number, so a training run is reproducible and two runs with the same seed see the
@@ -118,6 +118,65 @@ class SequenceTask:
         """A held-out batch, drawn from a stream no training step uses."""
         g = torch.Generator().manual_seed(-(self.seed + 1) & 0x7FFF_FFFF)
         return self.sample(size, g)
+
+
+@dataclass(frozen=True)
+class CharText:
+    """Next-character prediction on text that ships with Python: the help topics of
+    ``pydoc_data.topics`` (about 0.5 M characters; nothing downloaded). Chapter 8.
+
+    Every batch holds ``batch_size`` windows of ``seq_len + 1`` characters at random offsets;
+    inputs are the first ``seq_len``, targets the next character at every position. Characters
+    outside printable ASCII map to one extra symbol, so ``vocab_size`` is 97 on any Python
+    (the topics text itself differs a little between Python versions). The last 10 % of the
+    text is held out for ``eval_batch``. inputs, targets: (B, seq_len) int64.
+    """
+
+    seq_len: int = 64
+    batch_size: int = 8
+    seed: int | None = None    # None = depthlab.seeding.default_seed()
+    _codes: Tensor = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+
+    VOCAB = 97                 # newline, the 95 printable ASCII characters, "other"
+
+    def __post_init__(self) -> None:
+        from pydoc_data.topics import topics
+
+        from .config import ConfigError
+        _default_seed(self)
+        for name, low in (("seq_len", 1), ("batch_size", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"CharText.{name}={v!r} must be an integer >= {low}")
+        text = "".join(topics[k] for k in sorted(topics))
+        codes = np.frombuffer(text.encode("ascii", "replace"), dtype=np.uint8).astype(np.int64)
+        codes = np.where(codes == 10, 0, np.where((codes >= 32) & (codes < 127), codes - 31,
+                                                  96))
+        object.__setattr__(self, "_codes", torch.from_numpy(codes))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.VOCAB
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Characters back from symbols ("\n" for 0, "?" for the catch-all 96)."""
+        return "".join("\n" if i == 0 else "?" if i == 96 else chr(int(i) + 31) for i in ids)
+
+    def _windows(self, start: int, stop: int, batch: int, g: torch.Generator):
+        offsets = torch.randint(start, stop - self.seq_len - 1, (batch,), generator=g)
+        idx = offsets[:, None] + torch.arange(self.seq_len + 1)            # (B, T + 1)
+        chunk = self._codes[idx]
+        return chunk[:, :-1].clone(), chunk[:, 1:].clone()
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The training batch of ``step``, from the first 90 % of the text."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return self._windows(0, int(0.9 * len(self._codes)), self.batch_size, g)
+
+    def eval_batch(self, size: int = 64) -> tuple[Tensor, Tensor]:
+        """A held-out batch from the last 10 % of the text."""
+        g = torch.Generator().manual_seed(-(self.seed + 1) & 0x7FFF_FFFF)
+        return self._windows(int(0.9 * len(self._codes)), len(self._codes), size, g)
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,9 @@ from .training import (
     _check_batch,
     _check_plateau,
     autocast_context,
-    loss_and_accuracy,
     lr_at,
     make_optimizer,
+    objective,
     pick_device,
     resolve_amp,
     sync_interval,
@@ -147,7 +147,7 @@ def _train_vmap(models: list[nn.Module], datas: list[DataSource], cfg: TrainConf
     def member_loss(p, b, x, y):
         with autocast_context(device, cfg.amp):
             logits = functional_call(skeleton, (p, b), (x,))
-        return loss_and_accuracy(logits, y)
+        return objective(logits, y, cfg)
 
     loss_fn = vmap(member_loss)
     hists = [History(device=str(device)) for _ in range(n)]
@@ -163,9 +163,9 @@ def _train_vmap(models: list[nn.Module], datas: list[DataSource], cfg: TrainConf
             _check_batch(x, y, step)
         xs = torch.stack([b[0] for b in batches]).to(device)          # (N, B, ...)
         ys = torch.stack([b[1] for b in batches]).to(device)          # (N, B, ...)
-        losses, accs = loss_fn(params, buffers, xs, ys)                 # (N,), (N,)
+        minimised, losses, accs = loss_fn(params, buffers, xs, ys)      # (N,) each
         optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()          # members are independent: each gets its own gradient
+        minimised.sum().backward()       # members are independent: each gets its own gradient
         norms = _member_norms(leaves, n)                                # (N,), before clipping
         if cfg.clip_norm is not None:
             coef = (cfg.clip_norm / (norms + 1e-6)).clamp(max=1.0)      # clip_grad_norm_'s rule

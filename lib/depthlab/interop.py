@@ -67,6 +67,7 @@ def check_same_block(block: Block, want: TransformerConfig, what: str) -> None:
         ("attention", have.attention, "softmax"),
         ("identity_values", have.identity_values, False),
         ("parallel", have.parallel, False),
+        ("qk_norm", have.qk_norm, False),
     ]
     wrong = [f"{name}: block has {a!r}, {what} has {b!r}" for name, a, b in checks if a != b]
     if wrong:

@@ -214,7 +214,8 @@ class SelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, causal: bool, dropout: float = 0.0,
                  bias: bool = True, kind: str = "softmax", alpha: float = 1.0,
                  beta: float = 1.0, trainable_gains: bool = False,
-                 identity_values: bool = False) -> None:
+                 identity_values: bool = False, qk_norm: bool = False,
+                 norm_eps: float = 1e-5) -> None:
         super().__init__()
         # identity_values: only queries and keys are projected; V = X and no output projection
         self.qkv = nn.Linear(d_model, (2 if identity_values else 3) * d_model, bias=bias)
@@ -232,6 +233,11 @@ class SelfAttention(nn.Module):
                     self.register_buffer(name, t)
         # The fused kernel computes softmax(QKᵀ/√Dh)·V only; the shaped matrices are written out.
         self.sdpa = kind == "softmax"
+        # qk-layernorm (Dehghani et al. 2023; Wortsman et al. 2024): each head's query and key
+        # vectors normalised over Dh, so |q·k|/√Dh stays below √Dh·(gains) at any weight scale
+        d_head = d_model // n_heads
+        self.q_norm = LayerNorm(d_head, norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = LayerNorm(d_head, norm_eps) if qk_norm else nn.Identity()
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, D = x.shape
@@ -241,8 +247,8 @@ class SelfAttention(nn.Module):
             v = x
         else:
             q, k, v = self.qkv(x).split(D, dim=-1)             # 3 x (B, T, D)
-        q = q.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
-        k = k.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
+        q = self.q_norm(q.view(B, T, H, D // H)).transpose(1, 2)   # (B, H, T, Dh)
+        k = self.k_norm(k.view(B, T, H, D // H)).transpose(1, 2)   # (B, H, T, Dh)
         v = v.view(B, T, H, D // H).transpose(1, 2)            # (B, H, T, Dh)
         return q, k, v
 
@@ -261,13 +267,23 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, D)                      # (B, T, D)
         return self.proj(y)
 
-    def _softmax(self, q: Tensor, k: Tensor) -> Tensor:
+    def _scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """QKᵀ/√Dh with the future at -inf when causal: the attention logits, (B, H, T, T)."""
         T = q.shape[-2]
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, T)
         if self.causal:
             future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))
-        return scores.softmax(dim=-1)
+        return scores
+
+    def _softmax(self, q: Tensor, k: Tensor) -> Tensor:
+        return self._scores(q, k).softmax(dim=-1)
+
+    def attention_logits(self, x: Tensor) -> Tensor:
+        """The logits QKᵀ/√Dh before the softmax, written out: x (B, T, D) -> (B, H, T, T),
+        the future at -inf in a causal model. Their growth is the instability of chapter 8."""
+        q, k, _ = self._heads(x)
+        return self._scores(q, k)
 
     def _matrix(self, q: Tensor, k: Tensor) -> Tensor:
         """The matrix that mixes the values: softmax A, αI + βA, or αI + βA − βC."""
@@ -347,7 +363,8 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.causal, cfg.dropout, cfg.bias,
                                   kind=cfg.attention, alpha=cfg.attn_alpha, beta=cfg.attn_beta,
                                   trainable_gains=cfg.trainable_gains,
-                                  identity_values=cfg.identity_values)
+                                  identity_values=cfg.identity_values, qk_norm=cfg.qk_norm,
+                                  norm_eps=cfg.norm_eps)
         # a parallel block normalises once: no second norm (its parameter count is exact)
         self.norm2 = (nn.Identity() if cfg.parallel
                       else make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps))

@@ -152,6 +152,28 @@ def loss_and_accuracy(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return loss, acc
 
 
+def log_z_squared(logits: Tensor, targets: Tensor) -> Tensor:
+    """Σ (log Z)² over the positions whose target is not ``IGNORE``, Z = Σ_c exp(logit_c).
+
+    The z-loss of PaLM (Chowdhery et al. 2022) is a small multiple of its mean: it keeps the
+    softmax's normaliser near 1 and stops the output logits from drifting (chapter 8)."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()         # (N, C)
+    keep = (targets.reshape(-1) != IGNORE).to(flat.dtype)       # (N,); a mask, not an index,
+    return (torch.logsumexp(flat, dim=-1) ** 2 * keep).sum()    # so that vmap can batch it
+
+
+def objective(logits: Tensor, targets: Tensor, cfg: TrainConfig) -> tuple[Tensor, Tensor,
+                                                                          Tensor]:
+    """(what is minimised, cross-entropy, accuracy) of one batch: the cross-entropy plus
+    ``cfg.z_loss`` × the mean (log Z)². The History records the cross-entropy alone, so runs
+    with and without a z-loss are compared on the same loss."""
+    loss, acc = loss_and_accuracy(logits, targets)
+    if not cfg.z_loss:
+        return loss, loss, acc
+    count = (targets != IGNORE).sum().clamp(min=1)
+    return loss + cfg.z_loss * log_z_squared(logits, targets) / count, loss, acc
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate at ``step`` (0-based): linear warm-up to ``cfg.lr``, then ``cfg.schedule``.
 
@@ -344,12 +366,11 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig,
                 with autocast_context(device, cfg.amp):
                     logits = forward(inputs)
                 if world > 1:
-                    loss, acc, objective = _distributed_loss(logits, targets, world)
+                    minimised, loss, acc = _distributed_loss(logits, targets, world, cfg.z_loss)
                 else:
-                    loss, acc = loss_and_accuracy(logits, targets)
-                    objective = loss
+                    minimised, loss, acc = objective(logits, targets, cfg)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(objective).backward()
+                scaler.scale(minimised).backward()
                 scaler.unscale_(optimizer)
                 grad_norm = clip_and_norm(params, cfg.clip_norm)
                 labelled = (targets != IGNORE).sum()
@@ -405,14 +426,15 @@ def shard(batch: Tensor, rank: int, world: int, step: int = 0) -> Tensor:
     return part
 
 
-def _distributed_loss(logits: Tensor, targets: Tensor, world: int) -> tuple[Tensor, Tensor,
-                                                                             Tensor]:
-    """(loss, accuracy, objective) of one rank's share, for a run over ``world`` processes.
+def _distributed_loss(logits: Tensor, targets: Tensor, world: int,
+                      z_loss: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(what is minimised, loss, accuracy) of one rank's share, in a run over ``world``
+    processes (see ``objective``).
 
-    The loss and accuracy are those of the whole batch (summed over the ranks). The objective
-    is this rank's summed loss over the whole batch's labelled count, times ``world``:
-    DistributedDataParallel averages the ranks' gradients, so the step is exactly the
-    single-process step on the whole batch, even when the ranks hold different numbers of
+    The loss and accuracy are those of the whole batch (summed over the ranks). What is
+    minimised is this rank's summed loss over the whole batch's labelled count, times
+    ``world``: DistributedDataParallel averages the ranks' gradients, so the step is exactly
+    the single-process step on the whole batch, even when the ranks hold different numbers of
     labelled targets."""
     flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (N, C)
     flat_targets = targets.reshape(-1)                          # (N,)
@@ -423,7 +445,9 @@ def _distributed_loss(logits: Tensor, targets: Tensor, world: int) -> tuple[Tens
         totals = torch.stack([loss_sum.detach(), hits.float(), keep.sum().float()])
         torch.distributed.all_reduce(totals)                   # the whole batch's sums
     count = totals[2].clamp(min=1.0)
-    return totals[0] / count, totals[1] / count, loss_sum * world / count
+    if z_loss:
+        loss_sum = loss_sum + z_loss * log_z_squared(logits, targets)
+    return loss_sum * world / count, totals[0] / count, totals[1] / count
 
 
 def _flush(pending: list, hist: History, scaler: _Scaler, *, check_grads: bool) -> bool:
@@ -559,3 +583,18 @@ def recalibrate_batchnorm(model: nn.Module, inputs: Tensor, *,
     for n, m in zip(norms, saved):
         n.momentum = m
     return fresh.eval()
+
+
+def lr_sensitivity(final_loss: dict[float, float], init_loss: float) -> float:
+    """Learning-rate sensitivity (Wortsman et al. 2024; chapter 8): how much worse than the
+    best learning rate the others end, on average.
+
+    ``final_loss`` maps each learning rate of a sweep to the run's final loss; a run that
+    diverged (NaN, inf) or ended above the loss at initialisation counts as ``init_loss``.
+    Returns mean over the rates of min(loss, init_loss) − the best loss: 0 when every rate
+    does as well as the best, up to init_loss − best when all but one fail.
+    """
+    if not final_loss:
+        raise ValueError("lr_sensitivity needs the final loss of at least one learning rate")
+    capped = [min(v, init_loss) if math.isfinite(v) else init_loss for v in final_loss.values()]
+    return sum(capped) / len(capped) - min(capped)
