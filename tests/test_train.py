@@ -388,3 +388,50 @@ def test_lr_sensitivity_is_the_mean_excess_over_the_best_rate_with_failures_capp
     assert lr_sensitivity({1e-3: 1.0}, init_loss=4.0) == 0.0
     with pytest.raises(ValueError):
         lr_sensitivity({}, init_loss=4.0)
+
+
+def _hidden_output_change(width, base):
+    """‖Δ(fc1 output)‖ / ‖fc1 output‖ per token after one Adam step, block 0, at init."""
+    cfg = dl.TransformerConfig(d_model=width, n_heads=4, n_layers=2, vocab_size=16, max_len=12,
+                               init="fan_in", mup_base_width=base)
+    model = dl.SequenceModel(cfg, seed=0)
+    task = dl.SequenceTask("sort", n=6, batch_size=16, seed=0)
+    x, _ = task.batch(0)
+    fc1 = model.layers[0].mlp.fc1
+    seen = []
+    handle = fc1.register_forward_hook(lambda m, a, out: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(x)
+    h = seen[-1]
+    before = fc1(h).detach()
+    dl.train(model, task, dl.TrainConfig(steps=1, lr=1e-3, progress=False, seed=0))
+    handle.remove()
+    with torch.no_grad():
+        after = fc1(h)
+    return float((after - before).norm() / before.norm())
+
+
+def test_mup_keeps_the_hidden_update_size_independent_of_width():
+    """μP's defining property (Yang et al. 2022) for Adam: one step changes a hidden layer's
+    output by the same relative amount at every width; in the standard parametrisation the
+    change grows in proportion to the width."""
+    widths = (32, 64, 128, 256)
+    standard = [_hidden_output_change(w, None) for w in widths]
+    mup = [_hidden_output_change(w, 32) for w in widths]
+    assert standard[-1] / standard[0] > 4                      # ~8x over an 8x range of width
+    assert 0.6 < mup[-1] / mup[0] < 1.6                        # measured: 0.74
+    assert mup[0] == pytest.approx(standard[0], rel=1e-6)      # the same model at the base width
+
+
+def test_mup_groups_learning_rates_and_refuses_the_vmap_ensemble():
+    from depthlab.ensemble import vmap_obstacle
+    from depthlab.training import make_optimizer, set_lr
+
+    cfg = dl.TransformerConfig(d_model=64, n_heads=4, n_layers=1, max_len=12, mup_base_width=16)
+    model = dl.SequenceModel(cfg, seed=0)
+    opt = make_optimizer(list(model.parameters()), dl.TrainConfig(lr=1e-2))
+    set_lr(opt, 1e-2)
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([2.5e-3, 1e-2])
+    assert "μP" in vmap_obstacle([model, dl.SequenceModel(cfg, seed=1)], dl.TrainConfig())
+    with pytest.raises(dl.ConfigError, match="mup_base_width"):
+        dl.TransformerConfig(mup_base_width=0)

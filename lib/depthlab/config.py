@@ -158,6 +158,8 @@ class TransformerConfig(_Config):
     identity_values: bool = False  # values and output projection fixed to the identity
     parallel: bool = False     # attention and MLP side by side on one normalised input
     qk_norm: bool = False      # LayerNorm on each head's queries and keys (Dehghani et al. 2023)
+    mup_base_width: int | None = None  # simple μP (Yang et al. 2022) relative to this width;
+    #                            None = standard parametrisation (see models.apply_mup)
     vocab_size: int = 16       # tokens; used by SequenceModel only
     max_len: int = 64          # longest sequence for learned positions; SequenceModel only
 
@@ -204,6 +206,8 @@ class TransformerConfig(_Config):
                 "TransformerConfig.alpha_ff is not used when parallel=True (the block has one "
                 "skip, weighted by alpha_sa): leave it at 1.0")
         _boolean(self, "final_norm", allow_none=True)
+        if self.mup_base_width is not None:
+            _positive_int(self, "mup_base_width")
         if self.d_mlp < 1:
             raise ConfigError(
                 f"TransformerConfig.mlp_ratio={self.mlp_ratio!r} gives an MLP of width "

@@ -50,6 +50,7 @@ from .training import (
     objective,
     pick_device,
     resolve_amp,
+    set_lr,
     sync_interval,
     train,
 )
@@ -122,6 +123,8 @@ def vmap_obstacle(models: Sequence[nn.Module], cfg: TrainConfig) -> str | None:
                     "vmap cannot draw as the separate runs would")
     if resolve_amp(pick_device(cfg.device), cfg.amp) == "fp16":
         return "float16 needs a loss scaler per member"
+    if any(getattr(p, "lr_scale", 1.0) != 1.0 for p in models[0].parameters()):
+        return "per-parameter learning rates (μP) do not survive stacking the members"
     return None
 
 
@@ -156,8 +159,7 @@ def _train_vmap(models: list[nn.Module], datas: list[DataSource], cfg: TrainConf
     pending: list = []
     for step in range(cfg.steps):
         lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         batches = [d.batch(step) for d in datas]
         for x, y in batches:
             _check_batch(x, y, step)

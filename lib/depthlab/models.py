@@ -396,6 +396,27 @@ class Block(nn.Module):
         return x
 
 
+def apply_mup(model: nn.Module, width: int, base_width: int) -> nn.Module:
+    """A simple μP (Yang et al. 2022, for Adam; chapter 8): with m = width / base_width, every
+    hidden matrix (attention and MLP) learns at lr/m, and the head's logits are multiplied by
+    1/m (in ``SequenceModel.forward``) with the head learning at lr/m as well. The
+    initialisation stays as the scheme draws it.
+
+    Under Adam each entry of a matrix moves by about the learning rate, so a hidden layer's
+    output changes by about lr·fan_in per step: m times more at m times the width. lr/m keeps
+    that change the same at every width, which is why the best learning rate can carry over
+    from a small model to a wide one. (The full μP also changes the attention's 1/√Dh to
+    1/Dh and the embeddings' learning rate; depthlab keeps those as they are.) Marks the
+    parameters with ``lr_scale``, which ``training.make_optimizer`` reads.
+    """
+    m = width / base_width
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            for p in module.parameters():
+                p.lr_scale = 1.0 / m                      # type: ignore[attr-defined]
+    return model
+
+
 def zero_queries(model: nn.Module, only_shaped: bool = False) -> nn.Module:
     """Set every attention's query weights and biases to 0 (with ``only_shaped``, those of
     shaped attention only): all scores are 0, the softmax is the uniform matrix C, and shaped
@@ -498,6 +519,8 @@ class SequenceModel(nn.Module):
             self.head.feeds_relu = False
         init_weights(self, cfg.init, n_layers=cfg.n_layers, gain=cfg.init_gain, seed=seed,
                      embed_std=cfg.embed_std)
+        if cfg.mup_base_width is not None:
+            apply_mup(self, cfg.d_model, cfg.mup_base_width)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -516,7 +539,10 @@ class SequenceModel(nn.Module):
                              f"{self.cfg.vocab_size}); got ids from {int(idx.min())} to "
                              f"{int(idx.max())}") from None
         x = tokens + self.pos_emb(pos)                         # (B, T, D)
-        return self.head(self.encoder(x))                      # (B, T, V)
+        logits = self.head(self.encoder(x))                    # (B, T, V)
+        if self.cfg.mup_base_width is not None:                # μP's output multiplier
+            logits = logits * (self.cfg.mup_base_width / self.cfg.d_model)
+        return logits
 
 
 # --------------------------------------------------------------------------------------------

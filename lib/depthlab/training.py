@@ -192,15 +192,28 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(params: Iterable[Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimiser named by ``cfg.optimizer`` with its learning rate, betas, eps and decay."""
+    """The optimiser named by ``cfg.optimizer`` with its learning rate, betas, eps and decay.
+
+    A parameter marked with ``lr_scale`` (``models.apply_mup``) goes into a group of its own
+    that learns at ``lr_scale`` × the schedule's rate (``set_lr``); all others share one."""
+    by_scale: dict[float, list[Tensor]] = {}
+    for p in params:
+        by_scale.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+    groups = [{"params": ps, "lr_scale": scale} for scale, ps in by_scale.items()]
     # foreach=True batches the per-tensor updates: about 2x faster for our small models on CPU,
     # where PyTorch would otherwise pick the one-tensor-at-a-time loop.
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, foreach=True)
     opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return opt(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+    return opt(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                weight_decay=cfg.weight_decay, foreach=True)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate for this step, times each group's ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def resolve_amp(device: torch.device, amp: str) -> str:
@@ -352,8 +365,7 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig,
             torch.manual_seed(cfg.seed + rank)                 # each rank's own dropout masks
             for step in range(cfg.steps):
                 lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
                 inputs, targets = data.batch(step)
                 _check_batch(inputs, targets, step)
                 if world > 1:                                  # this rank's share of the batch
