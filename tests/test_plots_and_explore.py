@@ -236,3 +236,30 @@ def test_a_y_label_taller_than_its_panel_is_broken_onto_two_lines():
     assert "\n" in axes[0, 1].get_ylabel()
     assert plots.figure_problems(fig) == []
     assert not plots.fit_axis_labels(fig)            # nothing left to do
+
+
+def test_block_diagram_draws_what_the_config_says():
+    """One ⊕ per sum, one skip line per skip connection, one box per norm: Pre-LN has two of
+    each; removing the attention skip removes one line; the parallel block without skips sums
+    its two branches with no skip at all; without norms there is no norm box."""
+    def drawn(cfg):
+        fig, axes = plots.figure()
+        plots.block_diagram(axes[0, 0], cfg, title="x")
+        ax = axes[0, 0]
+        texts = [t.get_text() for t in ax.texts]
+        skips = [line for line in ax.lines if line.get_gid() == "skip"]
+        plots.check_figure(fig)
+        return texts.count("+"), len(skips), sum("Norm" in t for t in texts), texts
+
+    base = dl.TransformerConfig(d_model=32, n_heads=4)
+    assert drawn(base)[:3] == (2, 2, 2)
+    assert drawn(base.replace(norm_placement="post"))[:3] == (2, 2, 2)
+    sas = base.replace(alpha_sa=0.0, attention="shaped", identity_values=True, beta_ff=0.1)
+    plus, skips, norms, texts = drawn(sas)
+    assert (plus, skips, norms) == (1, 1, 2)
+    assert any("αI + βA − βC" in t and "V = W_O = I" in t for t in texts)
+    assert "MLP × 0.1" in texts
+    assert drawn(sas.replace(parallel=True))[:3] == (1, 0, 1)
+    assert drawn(sas.replace(parallel=True, norm_placement="none", norm_kind="none"))[:3] == \
+        (1, 0, 0)
+    assert drawn(base.replace(parallel=True))[:3] == (1, 1, 1)      # GPT-J: one skip

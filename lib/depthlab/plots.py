@@ -684,3 +684,99 @@ def diagnosis(axes: Sequence[Axes], diagnoses: Mapping[str, object]) -> Sequence
         if ax.get_legend():
             ax.get_legend().remove()
     return axes
+
+
+_NORM_NAMES = {"layer": "LayerNorm", "rms": "RMSNorm", "batch": "BatchNorm", "group": "GroupNorm"}
+_ATTENTION_NAMES = {"softmax": "softmax(QKᵀ/√d)", "value_skipinit": "αI + βA",
+                    "shaped": "αI + βA − βC"}
+
+
+def block_diagram(ax: Axes, cfg, *, title: str | None = None) -> Axes:
+    """One transformer block drawn from its configuration, input at the top (chapter 7).
+
+    Boxes for the norms, the attention (its matrix, and whether it has value and output
+    matrices) and the MLP (with its gain β_FF when it is not 1); a ⊕ where branches are added;
+    a line down the left side for each skip connection (``gid="skip"``). Reads the fields of a
+    ``TransformerConfig``: ``norm_placement``, ``norm_kind``, ``residual``, ``alpha_sa``,
+    ``alpha_ff``, ``beta_ff``, ``attention``, ``identity_values`` and ``parallel``.
+    """
+    from matplotlib.patches import Circle, FancyBboxPatch
+
+    norm = _NORM_NAMES.get(cfg.norm_kind) if cfg.norm_placement != "none" else None
+    attn = _ATTENTION_NAMES[cfg.attention] + ("\nV = W_O = I" if cfg.identity_values
+                                               else "\nwith W_V, W_O")
+    mlp = "MLP" + (f" × {cfg.beta_ff:g}" if cfg.beta_ff != 1.0 else "")
+    skip_sa = cfg.residual and cfg.alpha_sa > 0
+    skip_ff = cfg.residual and cfg.alpha_ff > 0 and not cfg.parallel
+    colours = {"norm": "#cfe2f3", "attn": "#f9cb9c", "mlp": "#b6d7a8"}
+
+    def box(x, y, text, kind, width=0.56):
+        ax.add_patch(FancyBboxPatch((x - width / 2, y - 0.035), width, 0.07,
+                                    boxstyle="round,pad=0.01", facecolor=colours[kind],
+                                    edgecolor="black", linewidth=0.8))
+        ax.text(x, y, text, ha="center", va="center", fontsize=7)
+
+    def plus(x, y):
+        ax.add_patch(Circle((x, y), 0.025, facecolor="white", edgecolor="black",
+                            linewidth=0.8))
+        ax.text(x, y, "+", ha="center", va="center", fontsize=8)
+
+    def skip(y0, y1):
+        ax.plot([0.55, 0.12, 0.12, 0.525], [y0, y0, y1, y1], color="black", linewidth=0.8,
+                gid="skip")
+
+    def arrow(y0, y1, x0=0.55, x1=None):
+        ax.annotate("", xy=(x1 if x1 is not None else x0, y1), xytext=(x0, y0),
+                    arrowprops=dict(arrowstyle="->", linewidth=0.8))
+
+    steps = []                                                # (kind, text) top to bottom
+    if cfg.parallel:
+        steps = ([("norm", norm)] if norm else []) + [("parallel", None), ("plus", "sum")]
+    else:
+        for sub, text, has_skip in (("attn", attn, skip_sa), ("mlp", mlp, skip_ff)):
+            steps.append(("start", None))                     # where this sub-block's skip starts
+            if norm and cfg.norm_placement == "pre":
+                steps.append(("norm", norm))
+            steps.append((sub, text))
+            if has_skip:
+                steps.append(("plus", "skip"))
+            if norm and cfg.norm_placement == "post":
+                steps.append(("norm", norm))
+    drawn = [k for k, _ in steps if k != "start"]
+    gap = 0.84 / (len(drawn) + 1)                             # centre to centre
+    top = start = y = 0.93                                    # y: the bottom of what is drawn
+    ax.text(0.55, top + 0.01, "X (input)", ha="center", va="bottom", fontsize=7)
+    centre = top
+    for kind, text in steps:
+        if kind == "start":                                   # midway into the next box
+            start = top if y == top else (y + centre - gap + 0.035) / 2
+            continue
+        centre -= gap
+        half = 0.025 if kind == "plus" else 0.035
+        if kind == "parallel":                                # one input, two branches, one sum
+            for x in (0.38, 0.76):
+                arrow(y, centre + half, 0.55, x)
+            box(0.38, centre, attn, "attn", width=0.34)
+            box(0.76, centre, mlp, "mlp", width=0.3)
+        elif not (kind == "plus" and cfg.parallel):
+            arrow(y, centre + half)
+        if kind in ("norm", "attn", "mlp"):
+            box(0.55, centre, text, kind)
+        elif kind == "plus":
+            if cfg.parallel:
+                for x in (0.38, 0.76):
+                    arrow(y, centre + half, x, 0.55)
+                if skip_sa:
+                    skip(top, centre)
+            else:                                             # from this sub-block's input
+                skip(start, centre)
+            plus(0.55, centre)
+        y = centre - half
+    arrow(y, centre - gap + 0.02)
+    ax.text(0.55, centre - gap + 0.01, "output", ha="center", va="top", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.0)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
