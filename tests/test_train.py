@@ -391,24 +391,12 @@ def test_lr_sensitivity_is_the_mean_excess_over_the_best_rate_with_failures_capp
 
 
 def _hidden_output_change(width, base):
-    """‖Δ(fc1 output)‖ / ‖fc1 output‖ per token after one Adam step, block 0, at init."""
+    """‖Δ(fc1 output)‖ / ‖fc1 output‖ after one Adam step, block 0, at init."""
+    from depthlab.probes import hidden_update_size
+
     cfg = dl.TransformerConfig(d_model=width, n_heads=4, n_layers=2, vocab_size=16, max_len=12,
                                init="fan_in", mup_base_width=base)
-    model = dl.SequenceModel(cfg, seed=0)
-    task = dl.SequenceTask("sort", n=6, batch_size=16, seed=0)
-    x, _ = task.batch(0)
-    fc1 = model.layers[0].mlp.fc1
-    seen = []
-    handle = fc1.register_forward_hook(lambda m, a, out: seen.append(a[0].detach()))
-    with torch.no_grad():
-        model(x)
-    h = seen[-1]
-    before = fc1(h).detach()
-    dl.train(model, task, dl.TrainConfig(steps=1, lr=1e-3, progress=False, seed=0))
-    handle.remove()
-    with torch.no_grad():
-        after = fc1(h)
-    return float((after - before).norm() / before.norm())
+    return hidden_update_size(cfg, dl.SequenceTask("sort", n=6, batch_size=16, seed=0), 1e-3)
 
 
 def test_mup_keeps_the_hidden_update_size_independent_of_width():

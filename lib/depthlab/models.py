@@ -400,7 +400,8 @@ def apply_mup(model: nn.Module, width: int, base_width: int) -> nn.Module:
     """A simple μP (Yang et al. 2022, for Adam; chapter 8): with m = width / base_width, every
     hidden matrix (attention and MLP) learns at lr/m, and the head's logits are multiplied by
     1/m (in ``SequenceModel.forward``) with the head learning at lr/m as well. The
-    initialisation stays as the scheme draws it.
+    initialisation stays as the scheme draws it: μP's rule assumes variance 1/fan_in
+    (``init="fan_in"``); with a fixed N(0, 0.02) a layer's output grows with √width itself.
 
     Under Adam each entry of a matrix moves by about the learning rate, so a hidden layer's
     output changes by about lr·fan_in per step: m times more at m times the width. lr/m keeps

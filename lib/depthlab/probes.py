@@ -261,3 +261,34 @@ def branch_after_one_step(weight: Tensor, beta: float, lr: float, optimizer: str
     opt.step()
     with torch.no_grad():
         return x + beta * x @ w.T
+
+
+def hidden_update_size(cfg, data, lr: float, *, seed: int = 0, block: int = 0) -> float:
+    """How much one Adam step at ``lr`` moves the output of block ``block``'s first MLP
+    matrix, relative to its size: ‖ΔW₁ h‖ / ‖W₁ h‖ on the step's own batch (chapter 8).
+
+    ``cfg`` is a ``TransformerConfig`` (μP when ``mup_base_width`` is set), ``data`` a data
+    source. The model is built from ``seed`` and trained one step with depthlab's loop. Under
+    Adam the standard parametrisation makes this grow about linearly with the width; μP keeps
+    it the same at every width (Yang et al. 2022), which is μP's defining property.
+    """
+    from .config import TrainConfig
+    from .models import SequenceModel
+    from .training import train
+
+    model = SequenceModel(cfg, seed=seed)
+    fc1 = model.layers[block].mlp.fc1
+    seen: list[Tensor] = []
+    handle = fc1.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            model(data.batch(0)[0])
+        h = seen[-1]
+        with torch.no_grad():
+            before = fc1(h)
+        train(model, data, TrainConfig(steps=1, lr=lr, progress=False, seed=seed))
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        after = fc1(h)
+    return float((after - before).norm() / before.norm())
