@@ -111,12 +111,6 @@ def data_parallel_world() -> tuple[int, int]:
     return init_distributed()
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) under torch.distributed (joined from torchrun's environment if need
-    be), else (0, 1)."""
-    return init_distributed()
-
-
 def _can_fork() -> bool:
     import multiprocessing as mp
 
@@ -156,7 +150,7 @@ def sweep(fn: Callable[[P], R], points: Sequence[P], *, workers: int | None = No
     points = list(points)
     if not points:
         return []
-    rank, world = _distributed()
+    rank, world = init_distributed()
     if world > 1:
         return _sweep_distributed(fn, points, rank, world, threads)
     n = min(default_workers() if workers is None else workers, len(points))

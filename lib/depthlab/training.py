@@ -369,8 +369,8 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig,
                 inputs, targets = data.batch(step)
                 _check_batch(inputs, targets, step)
                 if world > 1:                                  # this rank's share of the batch
-                    inputs, targets = shard(inputs, rank, world, step), shard(targets, rank,
-                                                                              world, step)
+                    inputs = shard(inputs, rank, world, step)
+                    targets = shard(targets, rank, world, step)
                 inputs, targets = inputs.to(device), targets.to(device)
                 for cb in callbacks:
                     cb.before_step(step, model)
