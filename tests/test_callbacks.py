@@ -147,3 +147,44 @@ def test_attention_logits_callback_records_without_changing_the_run():
     with pytest.raises(ValueError, match="attention module"):
         from depthlab.callbacks import attention_logit_stats
         attention_logit_stats(dl.DeepMLP(dl.MLPConfig(depth=2)), torch.randn(4, 64))
+
+
+def test_log_partition_is_the_logsumexp_of_the_output_logits_and_shifts_with_them():
+    """log Z of a model whose head is set by hand: uniform logits c give log Z = c + ln V."""
+    from depthlab.callbacks import log_partition
+
+    cfg = dl.TransformerConfig(d_model=16, n_heads=2, n_layers=1, vocab_size=10, max_len=8)
+    model = dl.SequenceModel(cfg, seed=0)
+    x = torch.randint(0, 10, (2, 8), generator=torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(-3.0)
+    log_z = log_partition(model, x)
+    assert log_z.shape == (2, 8)
+    assert torch.allclose(log_z, torch.full((2, 8), -3.0 + math.log(10), dtype=log_z.dtype))
+    assert model.training                                   # the model as it was found
+    assert all(p.shape == b.shape for p, b in zip(model.parameters(), before))
+
+
+def test_output_logits_and_gradient_rms_record_without_changing_the_run():
+    from depthlab.callbacks import GradientRMS, OutputLogits, log_partition
+
+    cfg = dl.TransformerConfig(d_model=16, n_heads=2, n_layers=2, max_len=8)
+    task = dl.SequenceTask("copy", n=4, batch_size=8, seed=0)
+    train_cfg = dl.TrainConfig(steps=5, lr=1e-2, seed=0, progress=False)
+    plain = dl.train(dl.SequenceModel(cfg, seed=0), task, train_cfg)
+    probe = task.batch(99)[0]
+    logits, grads = OutputLogits(probe, every=2), GradientRMS(every=4)
+    model = dl.SequenceModel(cfg, seed=0)
+    watched = dl.train(model, task, train_cfg, [logits, grads])
+    assert watched.loss == plain.loss                      # bit for bit
+    assert logits.steps == [0, 2, 4] and grads.steps == [0, 4]
+    last = log_partition(model, probe)                     # step 4 was the last step
+    assert logits.log_z_mean[-1] == pytest.approx(float(last.mean()), rel=1e-6)
+    assert logits.log_z_min[-1] == pytest.approx(float(last.min()), rel=1e-6)
+    matrices = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2]
+    assert grads.names == [n for n, _ in matrices]
+    want = [float(p.grad.pow(2).mean().sqrt()) for _, p in matrices]   # the last step's grads
+    assert grads.rms[-1] == pytest.approx(want, rel=1e-5)
+    assert set(watched.extras[4]) >= {"log_z/mean", "grad_rms/min", "grad_rms/median"}

@@ -423,3 +423,57 @@ def test_mup_groups_learning_rates_and_refuses_the_vmap_ensemble():
     assert "μP" in vmap_obstacle([model, dl.SequenceModel(cfg, seed=1)], dl.TrainConfig())
     with pytest.raises(dl.ConfigError, match="mup_base_width"):
         dl.TransformerConfig(mup_base_width=0)
+
+
+def test_independent_weight_decay_follows_the_schedule_not_the_learning_rate():
+    """Wortsman et al. (2024) decay the weights by weight_decay × (lr_t / peak lr) per step;
+    PyTorch's AdamW by lr_t × weight_decay. With a zero gradient Adam's own update is exactly
+    0, so one step shows the decay alone: independent of the peak rate, scaled by the
+    schedule (here half-way through a linear warm-up), the same for a μP group."""
+    from depthlab.training import make_optimizer, set_lr
+
+    def after_one_step(lr, independent, lr_scale=1.0):
+        p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))   # resolves 1 - 5e-6
+        p.lr_scale = lr_scale
+        cfg = dl.TrainConfig(lr=lr, optimizer="adamw", weight_decay=1e-2, warmup_steps=2,
+                             independent_decay=independent)
+        opt = make_optimizer([p], cfg)
+        set_lr(opt, lr_at(0, cfg))                     # step 0 of 2 warm-up steps: lr / 2
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        return float(1.0 - p.detach()[0])
+
+    for lr in (1e-3, 1e-1):
+        assert after_one_step(lr, True) == pytest.approx(0.5 * 1e-2, rel=1e-5)
+        assert after_one_step(lr, True, lr_scale=0.25) == pytest.approx(0.5 * 1e-2, rel=1e-5)
+        assert after_one_step(lr, False) == pytest.approx(0.5 * lr * 1e-2, rel=1e-5)
+    with pytest.raises(dl.ConfigError, match="independent_decay"):
+        dl.TrainConfig(optimizer="adam", weight_decay=1e-2, independent_decay=True)
+
+
+def test_best_lr_finds_the_vertex_of_a_parabola_in_log_lr_and_stays_on_the_grid_at_an_edge():
+    from depthlab.training import best_lr
+
+    grid = [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
+    for true in (0.012, 0.02, 0.05):             # loss = 1 + (ln lr - ln true)², off the grid
+        losses = {r: 1.0 + (math.log(r) - math.log(true)) ** 2 for r in grid}
+        assert best_lr(losses) == pytest.approx(true, rel=1e-9)
+    rising = {r: 1.0 + r for r in grid}                       # best at the low edge
+    assert best_lr(rising) == 3e-3
+    assert best_lr({**rising, 3e-3: float("nan")}) == 1e-2   # a diverged run is the worst
+    with pytest.raises(ValueError):
+        best_lr({})
+
+
+def test_versus_keeps_each_labels_colour_across_panels():
+    import matplotlib.pyplot as plt
+
+    from depthlab import plots
+
+    fig, (a, b) = plt.subplots(1, 2)
+    colors = {"x": "#ff0000", "y": "#0000ff"}
+    plots.versus(a, [1, 2], {"x": [1, 2], "y": [2, 1]}, xlabel="s", ylabel="v", colors=colors)
+    plots.versus(b, [1, 2], {"y": [[1, 2], [2, 3]]}, xlabel="s", ylabel="v", colors=colors)
+    assert [ln.get_color() for ln in a.lines] == ["#ff0000", "#0000ff"]
+    assert b.lines[0].get_color() == "#0000ff"
+    plt.close(fig)

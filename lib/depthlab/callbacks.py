@@ -366,3 +366,67 @@ class AttentionLogits(Callback):
         self.entropy.append(entropy)
         return {**{f"attn_logit/{i}": float(v) for i, v in enumerate(biggest)},
                 **{f"attn_entropy/{i}": float(v) for i, v in enumerate(entropy)}}
+
+
+def log_partition(model: nn.Module, inputs: Tensor) -> Tensor:
+    """log Z = logsumexp of the output logits at every position of ``inputs``: (B, T), the
+    model untouched. A softmax is unchanged when all logits shift together, so nothing in the
+    cross-entropy holds log Z in place; Chowdhery et al. (2022) saw it drift far from 0 late in
+    long runs and added the z-loss, 1e-4·(log Z)², to pull it back (chapter 8)."""
+    with probing(model), torch.no_grad():
+        logits = model(inputs.to(device_of(model)))
+    return torch.logsumexp(logits.detach().double(), dim=-1)
+
+
+class OutputLogits(Callback):
+    """log Z of the output logits on ``probe`` during training (``log_partition``).
+
+    Every ``every`` steps records ``self.steps``, ``self.log_z_mean`` and ``self.log_z_min``
+    (over the probe's positions); the loop's extras get ``log_z/mean`` and ``log_z/min``.
+    """
+
+    def __init__(self, probe: Tensor, every: int = 10) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} must be an integer >= 1")
+        self.probe, self.every = probe, every
+        self.steps: list[int] = []
+        self.log_z_mean: list[float] = []
+        self.log_z_min: list[float] = []
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        if step % self.every:
+            return None
+        log_z = log_partition(model, self.probe)
+        self.steps.append(step)
+        self.log_z_mean.append(float(log_z.mean()))
+        self.log_z_min.append(float(log_z.min()))
+        return {"log_z/mean": self.log_z_mean[-1], "log_z/min": self.log_z_min[-1]}
+
+
+class GradientRMS(Callback):
+    """The root-mean-square gradient of every weight matrix, as the optimiser used it (after
+    clipping), every ``every`` steps (Wortsman et al. 2024; chapter 8).
+
+    Adam divides by √v + ε, with √v about the gradient RMS: once that RMS falls toward
+    ε (1e-8 by default) the update shrinks by the factor rms / (rms + ε). Records
+    ``self.steps``, ``self.names`` (the matrices' parameter names) and ``self.rms`` (one
+    (P,) array per record). Reads gradients only: the run is unchanged.
+    """
+
+    def __init__(self, every: int = 10) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r} must be an integer >= 1")
+        self.every = every
+        self.steps: list[int] = []
+        self.names: list[str] = []
+        self.rms: list[np.ndarray] = []
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        if step % self.every:
+            return None
+        named = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2 and p.grad is not None]
+        self.names = [n for n, _ in named]
+        rms = np.array([float(p.grad.detach().double().pow(2).mean().sqrt()) for _, p in named])
+        self.steps.append(step)
+        self.rms.append(rms)
+        return {"grad_rms/min": float(rms.min()), "grad_rms/median": float(np.median(rms))}

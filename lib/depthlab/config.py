@@ -311,6 +311,7 @@ class TrainConfig(_Config):
     eps: float = 1e-8           # Adam's epsilon (PyTorch's default)
     momentum: float = 0.9       # SGD only
     weight_decay: float = 0.0
+    independent_decay: bool = False  # AdamW: decay by weight_decay × schedule, not × lr (below)
     z_loss: float = 0.0         # adds z_loss · mean(log² Z) of the output logits (PaLM: 1e-4)
     warmup_steps: int = 0       # linear warm-up from lr/warmup_steps to lr; 0 = none
     schedule: str = "constant"  # after warm-up: "constant", "cosine" (to 0) or "linear" (to 0)
@@ -337,6 +338,10 @@ class TrainConfig(_Config):
         _number(self, "eps", 0.0)
         _number(self, "momentum", 0.0, 1.0)
         _number(self, "weight_decay", 0.0)
+        _boolean(self, "independent_decay")
+        if self.independent_decay and self.optimizer != "adamw":
+            raise ConfigError(f"TrainConfig.independent_decay=True needs optimizer='adamw' "
+                              f"(got {self.optimizer!r}): only AdamW decouples the decay")
         _number(self, "z_loss", 0.0)
         _positive_int(self, "warmup_steps", minimum=0)
         _choice(self, "schedule", SCHEDULES)

@@ -507,22 +507,26 @@ def histograms(ax: Axes, samples: Mapping[str, np.ndarray], *, xlabel: str, bins
 def versus(ax: Axes, x: Sequence[float], series: Mapping[str, Sequence[float]], *,
            xlabel: str, ylabel: str, logx: bool = False, logy: bool = False,
            title: str | None = None, reference: float | None = None,
-           reference_label: str | None = None) -> Axes:
+           reference_label: str | None = None,
+           colors: Mapping[str, str] | None = None) -> Axes:
     """One line per label of y against a shared x (e.g. gradient ratio against depth).
 
     A series may be 1-D (one value per x) or 2-D, (len(x), seeds): then the line is the median
     over seeds and a shaded band spans the lowest to the highest seed (say so in the title).
+    ``colors`` (label -> colour) keeps a label's colour the same in panels that show different
+    subsets of the labels; by default the colours follow matplotlib's cycle.
     """
     marker = "o" if len(list(x)) <= 30 else None           # dots for sweeps, not for curves
     for label, y in series.items():
         v = np.asarray(y, dtype=float)
+        color = (colors or {}).get(label)
         if v.ndim == 2:
             line, = ax.plot(list(x), np.median(v, axis=1), marker=marker, markersize=4,
-                            label=label)
+                            label=label, color=color)
             ax.fill_between(list(x), v.min(axis=1), v.max(axis=1), color=line.get_color(),
                             alpha=0.2, linewidth=0)
         else:
-            ax.plot(list(x), v, marker=marker, markersize=4, label=label)
+            ax.plot(list(x), v, marker=marker, markersize=4, label=label, color=color)
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
     if logx:

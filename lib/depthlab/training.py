@@ -205,6 +205,13 @@ def make_optimizer(params: Iterable[Tensor], cfg: TrainConfig) -> torch.optim.Op
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, foreach=True)
+    if cfg.independent_decay:
+        # PyTorch's AdamW multiplies the weights by 1 - lr_group·decay each step, so the decay
+        # moves with the learning rate (Loshchilov & Hutter 2019). Independent decay
+        # (Wortsman et al. 2024) multiplies them by 1 - weight_decay·lr_t/lr: the schedule's
+        # shape only. Dividing each group's decay by its peak rate gives exactly that.
+        for group in groups:
+            group["weight_decay"] = cfg.weight_decay / (cfg.lr * group["lr_scale"])
     opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return opt(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                weight_decay=cfg.weight_decay, foreach=True)
@@ -595,6 +602,32 @@ def recalibrate_batchnorm(model: nn.Module, inputs: Tensor, *,
     for n, m in zip(norms, saved):
         n.momentum = m
     return fresh.eval()
+
+
+def best_lr(final_loss: dict[float, float]) -> float:
+    """The learning rate with the lowest final loss, between the grid's points (chapter 8).
+
+    ``final_loss`` maps learning rates to final losses. Through the grid's best rate and its
+    two neighbours goes a parabola in log(lr); its vertex is the estimate. At an edge of the
+    grid, or where the three points do not curve upward, the best grid rate itself: the
+    optimum is then not bracketed, and no estimate beyond the grid is made. A run that
+    diverged (NaN, inf) counts as the worst loss.
+    """
+    if not final_loss:
+        raise ValueError("best_lr needs the final loss of at least one learning rate")
+    lrs = sorted(final_loss)
+    loss = [final_loss[r] if math.isfinite(final_loss[r]) else math.inf for r in lrs]
+    i = min(range(len(lrs)), key=loss.__getitem__)
+    if i in (0, len(lrs) - 1) or not math.isfinite(loss[i - 1] + loss[i + 1]):
+        return float(lrs[i])
+    x = [math.log(r) for r in lrs[i - 1:i + 2]]
+    y = loss[i - 1:i + 2]
+    # the vertex of the parabola through three points (x0, y0), (x1, y1), (x2, y2)
+    num = (x[1] - x[0]) ** 2 * (y[1] - y[2]) - (x[1] - x[2]) ** 2 * (y[1] - y[0])
+    den = (x[1] - x[0]) * (y[1] - y[2]) - (x[1] - x[2]) * (y[1] - y[0])
+    if den == 0:
+        return float(lrs[i])
+    return float(math.exp(x[1] - 0.5 * num / den))
 
 
 def lr_sensitivity(final_loss: dict[float, float], init_loss: float) -> float:
