@@ -188,3 +188,7 @@ def test_output_logits_and_gradient_rms_record_without_changing_the_run():
     want = [float(p.grad.pow(2).mean().sqrt()) for _, p in matrices]   # the last step's grads
     assert grads.rms[-1] == pytest.approx(want, rel=1e-5)
     assert set(watched.extras[4]) >= {"log_z/mean", "grad_rms/min", "grad_rms/median"}
+    with pytest.raises(ValueError, match="every"):
+        OutputLogits(probe, every=0)
+    with pytest.raises(ValueError, match="every"):
+        GradientRMS(every=True)

@@ -309,6 +309,12 @@ class Smoothness(Callback):
         self.beta.append(max(betas) if finite else math.inf)
 
 
+def _check_every(every: int) -> None:
+    """A recording interval: an integer >= 1 (a bool is refused although it is an int)."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every={every!r} must be an integer >= 1")
+
+
 def attention_logit_stats(model: nn.Module, inputs: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per attention module of ``model``, in order: the largest |attention logit| and the mean
     entropy (nats) of the attention rows, on one batch; the model untouched.
@@ -350,8 +356,7 @@ class AttentionLogits(Callback):
     """
 
     def __init__(self, probe: Tensor, every: int = 10) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every={every!r} must be an integer >= 1")
+        _check_every(every)
         self.probe, self.every = probe, every
         self.steps: list[int] = []
         self.max_logit: list[np.ndarray] = []
@@ -386,8 +391,7 @@ class OutputLogits(Callback):
     """
 
     def __init__(self, probe: Tensor, every: int = 10) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every={every!r} must be an integer >= 1")
+        _check_every(every)
         self.probe, self.every = probe, every
         self.steps: list[int] = []
         self.log_z_mean: list[float] = []
@@ -414,8 +418,7 @@ class GradientRMS(Callback):
     """
 
     def __init__(self, every: int = 10) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every={every!r} must be an integer >= 1")
+        _check_every(every)
         self.every = every
         self.steps: list[int] = []
         self.names: list[str] = []
