@@ -1,138 +1,134 @@
-"""Seed ensembles and parallel sweeps against plain loops, measured side by side in one run.
+"""Many small runs: one by one, in two processes, or stacked into groups, measured side by side.
 
-Prints, as ratios (loop time ÷ faster time, > 1 means faster), each measured interleaved
-(A, B, A, B, ...) and reported as the median of ``--rounds`` rounds:
+The book trains many tiny models that share an architecture and differ in a seed or a learning
+rate. For each model size below, 15 runs (5 learning rates × 3 seeds, ``--steps`` steps each)
+are trained every way depthlab can train them, timed interleaved (every way once per round,
+``--rounds`` rounds, median), and reported per model-step and as a speed-up over the plain
+loop with one thread:
 
-1. N seeds of one transformer configuration (6 blocks, batch 32 × 12 tokens, Adam, 40 steps):
-   a plain loop (one torch thread, and two) against the vmap seed ensemble and against one
-   worker process per core, for N = 2, 4, 8 at widths 32 and 64;
-2. a 16-run sweep (4 learning rates × 4 seeds) in a loop against ``parallel.sweep``;
-3. with ``--profile``, where the time of one vmapped ensemble step goes (torch.profiler).
+- loop, 1 thread / 2 threads: ``dl.train`` one run after another;
+- 2 processes: ``dl.sweep`` over two worker processes, one thread each;
+- group, 1 thread / 2 threads: ``dl.train_group`` on all 15 at once (stacked parameters);
+- group in 2 processes: ``dl.train_runs(group="always")``, two groups of 7-8, one per core.
 
-Run from the repository root: ``.venv/bin/python benchmarks/speed.py`` (about 5 minutes on
-2 cores; ``--quick`` for one width and N = 4). Chapter times against their budget:
-``benchmarks/budget.py``.
+It also measures one core's matmul peak (float32, 1 thread) and reports each model's training
+arithmetic rate (6 FLOPs per parameter per input position, forward and backward) as a fraction
+of it: near 1 a step is arithmetic and nothing but fewer FLOPs helps; far below 1 it is
+PyTorch's fixed cost per operation, which grouping removes. ``sweeps.GROUP_BELOW_FLOPS`` (where
+``train_grid`` starts grouping on a CPU) is set from this table.
+
+Run from the repository root: ``.venv/bin/python benchmarks/speed.py`` (about 6 minutes on 2
+idle cores; ``--quick`` for two sizes and one round).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+import depthlab as dl
+from depthlab.sweeps import Run, step_flops, sweep, torch_threads, train_runs, usable_cores
 
-import depthlab as dl  # noqa: E402
-from depthlab.ensemble import train_seeds  # noqa: E402
-from depthlab.parallel import sweep, torch_threads, usable_cores  # noqa: E402
-
-STEPS = 40
-
-
-def _setup(width: int):
-    cfg = dl.TransformerConfig(d_model=width, n_heads=4, n_layers=6, vocab_size=16,
-                               max_len=16)
-    tc = dl.TrainConfig(steps=STEPS, lr=1e-3, progress=False)
-
-    def build(s):
-        return dl.SequenceModel(cfg, seed=s)
-
-    def data(s):
-        return dl.SequenceTask("sort", n=6, batch_size=32, seed=s)
-
-    return build, data, tc
+SIZES = {   # name: (model config, data source factory)
+    "transformer w16 × 6": (dl.TransformerConfig(d_model=16, n_heads=2, n_layers=6,
+                                                 vocab_size=16, max_len=16), "sort"),
+    "transformer w32 × 6": (dl.TransformerConfig(d_model=32, n_heads=4, n_layers=6,
+                                                 vocab_size=16, max_len=16), "sort"),
+    "transformer w64 × 4": (dl.TransformerConfig(d_model=64, n_heads=4, n_layers=4,
+                                                 vocab_size=16, max_len=16), "sort"),
+    "MLP 64-128×3 (digits)": (dl.MLPConfig(width=128, depth=3, norm_kind="layer"), "digits"),
+}
+LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+SEEDS = (0, 1, 2)
 
 
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def matmul_peak(n: int = 512, repeats: int = 20) -> float:
+    """float32 GFLOP/s of one core on an n × n matmul (median of ``repeats``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = []
+    with torch_threads(1):
+        a @ b
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
-def _interleaved(fns: dict, rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():                                   # warm-up
-        fn()
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(_time(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
+def _runs(size: str, steps: int) -> list[Run]:
+    cfg, task = SIZES[size]
+    out = []
+    for lr in LRS:
+        for s in SEEDS:
+            model = (dl.SequenceModel(cfg, seed=s) if isinstance(cfg, dl.TransformerConfig)
+                     else dl.DeepMLP(cfg, seed=s))
+            data = (dl.SequenceTask("sort", n=6, batch_size=32, seed=s) if task == "sort"
+                    else dl.Digits(batch_size=64, seed=s))
+            out.append(Run(model, data, dl.TrainConfig(steps=steps, lr=lr, seed=s,
+                                                       progress=False, device="cpu")))
+    return out
 
 
-def _compare(width: int, n: int, rounds: int) -> dict[str, float]:
-    build, data, tc = _setup(width)
-    seeds = list(range(n))
-
+def _ways(size: str, steps: int) -> dict:
     def loop(threads):
         with torch_threads(threads):
-            for s in seeds:
-                dl.train(build(s), data(s), tc.replace(seed=s))
+            for r in _runs(size, steps):
+                dl.train(r.model, r.data, r.cfg)
 
-    return _interleaved({
-        "loop1": lambda: loop(1),
-        "loop2": lambda: loop(2),
-        "vmap": lambda: train_seeds(build, data, tc, seeds, method="vmap"),
-        "proc": lambda: train_seeds(build, data, tc, seeds, method="processes"),
-    }, rounds)
+    def processes():
+        sweep(lambda r: dl.train(r.model, r.data, r.cfg).final("loss"), _runs(size, steps),
+              workers=2)
 
+    def group(threads):
+        runs = _runs(size, steps)
+        with torch_threads(threads):
+            dl.train_group([r.model for r in runs], [r.data for r in runs],
+                           [r.cfg for r in runs])
 
-def ensembles(widths, sizes, rounds: int) -> None:
-    print(f"1. N seeds, 6 blocks, {STEPS} steps: seconds (median of {rounds}) and speed-up")
-    print(f"   {'width':>5} {'N':>2} {'loop 1 thr':>10} {'loop 2 thr':>10} {'vmap':>8} "
-          f"{'processes':>9}   vmap ÷ loop1  processes ÷ loop1")
-    for width in widths:
-        for n in sizes:
-            t = _compare(width, n, rounds)
-            print(f"   {width:>5} {n:>2} {t['loop1']:>10.2f} {t['loop2']:>10.2f} "
-                  f"{t['vmap']:>8.2f} {t['proc']:>9.2f}   {t['loop1'] / t['vmap']:>11.2f}  "
-                  f"{t['loop1'] / t['proc']:>16.2f}")
+    return {"loop, 1 thread": lambda: loop(1), "loop, 2 threads": lambda: loop(2),
+            "2 processes": processes, "group, 1 thread": lambda: group(1),
+            "group, 2 threads": lambda: group(2),
+            "group in 2 processes": lambda: train_runs(_runs(size, steps), group="always",
+                                                       workers=2)}
 
 
-def sweeps(rounds: int) -> None:
-    build, data, tc = _setup(32)
-    points = [(lr, s) for lr in (3e-4, 1e-3, 3e-3, 1e-2) for s in range(4)]
-
-    def one(point):
-        lr, s = point
-        return dl.train(build(s), data(s), tc.replace(lr=lr, seed=s)).final("loss")
-
-    t = _interleaved({"loop": lambda: sweep(one, points, workers=1),
-                      "parallel": lambda: sweep(one, points)}, rounds)
-    same = sweep(one, points, workers=1) == sweep(one, points)
-    print(f"2. 16-run sweep: loop {t['loop']:.2f} s, {usable_cores()} worker processes "
-          f"{t['parallel']:.2f} s: speed-up {t['loop'] / t['parallel']:.2f} "
-          f"(results identical: {same})")
-
-
-def profile() -> None:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
-
-    build, data, tc = _setup(32)
-    with torch_threads(1), prof(activities=[ProfilerActivity.CPU]) as p:
-        train_seeds(build, data, tc.replace(steps=10), range(4), method="vmap")
-    print("3. where a vmapped 4-member ensemble spends its time (10 steps, 1 thread):")
-    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+def compare(size: str, steps: int, rounds: int, peak: float) -> None:
+    ways = _ways(size, steps)
+    for fn in ways.values():                                   # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(rounds):
+        for k, fn in ways.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    model_steps = len(LRS) * len(SEEDS) * steps
+    flops = step_flops(_runs(size, 1)[0])
+    base = med["loop, 1 thread"]
+    arith = flops / (base / model_steps) / 1e9
+    print(f"\n{size}: {flops / 1e6:.0f} MFLOP per step; the plain loop does {arith:.1f} "
+          f"GFLOP/s = {arith / peak:.0%} of one core's matmul peak")
+    print(f"   {'way':22s} {'ms per model-step':>18s} {'speed-up':>9s}")
+    for k, t in med.items():
+        print(f"   {k:22s} {1e3 * t / model_steps:18.2f} {base / t:9.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {usable_cores()} usable cores")
-    if args.quick:
-        ensembles([32], [4], args.rounds)
-    else:
-        ensembles([32, 64], [2, 4, 8], args.rounds)
-    sweeps(args.rounds)
-    if args.profile:
-        profile()
+    peak = matmul_peak()
+    print(f"torch {torch.__version__}, {usable_cores()} usable cores; one core's float32 "
+          f"matmul peak: {peak:.1f} GFLOP/s (512 × 512, 1 thread)")
+    sizes = list(SIZES)[1:3] if args.quick else list(SIZES)
+    for size in sizes:
+        compare(size, args.steps, 1 if args.quick else args.rounds, peak)
 
 
 if __name__ == "__main__":

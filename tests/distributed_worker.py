@@ -17,7 +17,7 @@ from distributed_cases import CASES, STEPS, sweep_fn, sweep_points  # noqa: E402
 
 
 def main(out: Path) -> None:
-    rank, world = dl.parallel.init_distributed()
+    rank, world = dl.distributed.init_distributed()
     assert world == 2, world
     torch.set_num_threads(1)
     found = {"world": world}

@@ -30,13 +30,13 @@ def _bn_mlp(**kw):
     return dl.DeepMLP(dl.MLPConfig(depth=4, width=16, norm_kind="batch", **kw), seed=0)
 
 
-def test_probing_leaves_running_statistics_mode_and_random_state_alone():
-    from depthlab.hooks import probing
+def test_isolated_leaves_running_statistics_mode_and_random_state_alone():
+    from depthlab.measure import isolated
 
     model = _bn_mlp(norm_noise=0.3).eval()
     before = model.layers[0].norm.running_mean.clone()
     state = torch.random.get_rng_state()
-    with probing(model, seed=3):
+    with isolated(model, seed=3):
         assert model.training
         model(torch.randn(8, 64))
     assert not model.training
@@ -104,7 +104,7 @@ def test_attention_logit_stats_on_a_hand_computed_case():
     computed here on paper."""
     import math
 
-    from depthlab.callbacks import attention_logit_stats
+    from depthlab.measure import attention_logit_stats
 
     cfg = dl.TransformerConfig(d_model=2, n_heads=1, n_layers=1, vocab_size=4, max_len=4,
                                bias=False, mlp_ratio=1.0)
@@ -145,13 +145,13 @@ def test_attention_logits_callback_records_without_changing_the_run():
     assert set(watched.extras[2]) == {"attn_logit/0", "attn_logit/1", "attn_entropy/0",
                                       "attn_entropy/1"}
     with pytest.raises(ValueError, match="attention module"):
-        from depthlab.callbacks import attention_logit_stats
+        from depthlab.measure import attention_logit_stats
         attention_logit_stats(dl.DeepMLP(dl.MLPConfig(depth=2)), torch.randn(4, 64))
 
 
 def test_log_partition_is_the_logsumexp_of_the_output_logits_and_shifts_with_them():
     """log Z of a model whose head is set by hand: uniform logits c give log Z = c + ln V."""
-    from depthlab.callbacks import log_partition
+    from depthlab.measure import output_log_partition as log_partition
 
     cfg = dl.TransformerConfig(d_model=16, n_heads=2, n_layers=1, vocab_size=10, max_len=8)
     model = dl.SequenceModel(cfg, seed=0)
@@ -168,7 +168,8 @@ def test_log_partition_is_the_logsumexp_of_the_output_logits_and_shifts_with_the
 
 
 def test_output_logits_and_gradient_rms_record_without_changing_the_run():
-    from depthlab.callbacks import GradientRMS, OutputLogits, log_partition
+    from depthlab.callbacks import GradientRMS, OutputLogits
+    from depthlab.measure import output_log_partition as log_partition
 
     cfg = dl.TransformerConfig(d_model=16, n_heads=2, n_layers=2, max_len=8)
     task = dl.SequenceTask("copy", n=4, batch_size=8, seed=0)

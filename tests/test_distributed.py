@@ -79,12 +79,12 @@ def test_a_sweep_over_two_ranks_equals_the_plain_loop(ranks):
 
 def test_outside_torchrun_nothing_is_distributed(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert dl.parallel.init_distributed() == (0, 1)
-    assert dl.parallel.data_parallel_world() == (0, 1)
+    assert dl.distributed.init_distributed() == (0, 1)
+    assert dl.distributed.data_parallel_world() == (0, 1)
 
 
 def test_a_batch_smaller_than_the_world_is_refused():
-    from depthlab.training import shard
+    from depthlab.distributed import shard
 
     x = torch.arange(3)
     assert [shard(x, r, 2).tolist() for r in (0, 1)] == [[0, 1], [2]]

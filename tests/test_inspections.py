@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import depthlab as dl
-from depthlab import hooks, probes, remedies
+from depthlab import doctor, measure, precision, probes
 
 
 def _snapshot(model):
@@ -50,25 +50,25 @@ def _bn_transformer():
                                max_len=12)
     model = dl.SequenceModel(cfg, seed=0).train()
     batch = dl.SequenceTask("sort", n=6, batch_size=8, seed=0).batch(0)
-    loss, _ = dl.training.loss_and_accuracy(model(batch[0]), batch[1])
+    loss, _ = dl.losses.loss_and_accuracy(model(batch[0]), batch[1])
     loss.backward()
     return model, batch
 
 
 MLP_INSPECTIONS = {
     "gradient_profile": lambda m, b: dl.gradient_profile(m, [b]),
-    "activation_saturation": lambda m, b: hooks.activation_saturation(m, b[0]),
-    "activation_memory": lambda m, b: hooks.activation_memory(m, *b),
-    "gradient_norms_by_layer": lambda m, b: hooks.gradient_norms_by_layer(m, b, clip_norm=0.1),
-    "parameter_gradients": lambda m, b: hooks.parameter_gradients(m, b),
-    "output_change": lambda m, b: hooks.output_change(m, b[0], b[0].flip(0)),
-    "diagnose": lambda m, b: remedies.diagnose(m, b),
-    "gradient_precision": lambda m, b: remedies.gradient_precision(m, *b, torch.bfloat16),
+    "activation_saturation": lambda m, b: measure.activation_saturation(m, b),
+    "activation_memory": lambda m, b: measure.activation_memory(m, b),
+    "gradient_norms_by_layer": lambda m, b: measure.gradient_norms_by_layer(m, b, clip_norm=0.1),
+    "parameter_gradients": lambda m, b: measure.parameter_gradients(m, b),
+    "output_change": lambda m, b: measure.output_change(m, b, b[0].flip(0)),
+    "diagnose": lambda m, b: doctor.diagnose(m, b),
+    "gradient_precision": lambda m, b: precision.gradient_precision(m, b, torch.bfloat16),
 }
 TRANSFORMER_INSPECTIONS = {
     "attention_maps": lambda m, b: probes.attention_maps(m, b[0]),
     "gradient_profile": lambda m, b: dl.gradient_profile(m, [b]),
-    "diagnose": lambda m, b: remedies.diagnose(m, b),
+    "diagnose": lambda m, b: doctor.diagnose(m, b),
 }
 
 

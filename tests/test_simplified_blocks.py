@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import depthlab as dl
-from depthlab.ensemble import train_seeds
 from depthlab.models import SelfAttention, uniform_attention
 
 BASE = dl.TransformerConfig(d_model=32, n_heads=4, n_layers=3, vocab_size=16, max_len=12)
@@ -108,7 +107,7 @@ def test_trainable_gains_learn_and_fixed_gains_stay():
         assert (not torch.equal(alpha, torch.ones(4))) == trainable
 
 
-def test_a_seed_ensemble_of_shaped_blocks_equals_the_runs_alone():
+def test_a_group_of_shaped_blocks_equals_the_runs_alone():
     cfg = dl.TrainConfig(steps=6, lr=3e-3)
 
     def build(s):
@@ -117,10 +116,10 @@ def test_a_seed_ensemble_of_shaped_blocks_equals_the_runs_alone():
     def data(s):
         return dl.SequenceTask("sort", n=4, batch_size=16, seed=s)
 
-    ensemble = train_seeds(build, data, cfg, [0, 1], method="vmap")
-    alone = train_seeds(build, data, cfg, [0, 1], method="sequential")
-    for e, a in zip(ensemble, alone):
-        assert max(abs(x - y) for x, y in zip(e.history.loss, a.history.loss)) < 1e-4
+    grouped = dl.train_group([build(s) for s in (0, 1)], [data(s) for s in (0, 1)], cfg)
+    alone = [dl.train(build(s), data(s), cfg) for s in (0, 1)]
+    for g, a in zip(grouped, alone):
+        assert max(abs(x - y) for x, y in zip(g.loss, a.loss)) < 1e-4
 
 
 @pytest.mark.parametrize("change, field", [

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import depthlab as dl
-from depthlab.training import lr_at, recalibrate_batchnorm
+from depthlab.models import recalibrate_batchnorm
+from depthlab.training import lr_at
 
 SMALL = dl.TransformerConfig(d_model=32, n_layers=2, vocab_size=16, max_len=16)
 
@@ -216,7 +217,7 @@ def test_recorded_gradient_norm_is_the_norm_before_clipping():
     task = dl.SequenceTask("sort", n=4, batch_size=16, seed=0)
     model = dl.SequenceModel(SMALL, seed=0)
     x, y = task.batch(0)
-    loss, _ = dl.training.loss_and_accuracy(model(x), y)
+    loss, _ = dl.losses.loss_and_accuracy(model(x), y)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     unclipped = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
     assert unclipped > 0.05                                       # so the clip below bites
@@ -334,14 +335,13 @@ def test_train_and_evaluate_needs_held_out_data_it_can_find():
 def test_z_loss_adds_the_mean_squared_log_normaliser_and_the_history_keeps_the_cross_entropy():
     """PaLM's z-loss: the gradient is that of CE + z·mean(log² Z) over the labelled positions,
     written out here by hand; the recorded loss is the cross-entropy alone."""
-    from depthlab.training import objective
+    from depthlab.losses import objective
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 5, 7, generator=g, requires_grad=True)
     targets = torch.randint(0, 7, (4, 5), generator=g)
     targets[:, :2] = dl.IGNORE
-    cfg = dl.TrainConfig(z_loss=1e-2)
-    minimised, ce, _ = objective(logits, targets, cfg)
+    minimised, ce, _ = objective(logits, targets, 1e-2)
     keep = targets != dl.IGNORE
     by_hand = (torch.nn.functional.cross_entropy(logits[keep], targets[keep])
                + 1e-2 * torch.logsumexp(logits[keep], -1).pow(2).mean())
@@ -364,21 +364,8 @@ def test_z_loss_adds_the_mean_squared_log_normaliser_and_the_history_keeps_the_c
         dl.TrainConfig(z_loss=-1.0)
 
 
-def test_the_seed_ensemble_applies_the_z_loss_too():
-    from depthlab.ensemble import train_seeds
-
-    cfg_model = dl.TransformerConfig(d_model=16, n_heads=2, n_layers=1, max_len=8)
-    cfg = dl.TrainConfig(steps=5, lr=1e-2, z_loss=0.5, progress=False)
-    build = lambda s: dl.SequenceModel(cfg_model, seed=s)          # noqa: E731
-    data = lambda s: dl.SequenceTask("copy", n=4, batch_size=8, seed=s)  # noqa: E731
-    vmapped = train_seeds(build, data, cfg, [0, 1], method="vmap")
-    alone = train_seeds(build, data, cfg, [0, 1], method="sequential")
-    for a, b in zip(vmapped, alone):
-        assert a.history.loss == pytest.approx(b.history.loss, abs=1e-4)
-
-
 def test_lr_sensitivity_is_the_mean_excess_over_the_best_rate_with_failures_capped():
-    from depthlab.training import lr_sensitivity
+    from depthlab.analysis import lr_sensitivity
 
     assert lr_sensitivity({1e-3: 2.0, 1e-2: 1.5, 1e-1: 1.5}, init_loss=4.0) == pytest.approx(
         (0.5 + 0 + 0) / 3)
@@ -411,8 +398,7 @@ def test_mup_keeps_the_hidden_update_size_independent_of_width():
     assert mup[0] == pytest.approx(standard[0], rel=1e-6)      # the same model at the base width
 
 
-def test_mup_groups_learning_rates_and_refuses_the_vmap_ensemble():
-    from depthlab.ensemble import vmap_obstacle
+def test_mup_groups_learning_rates():
     from depthlab.training import make_optimizer, set_lr
 
     cfg = dl.TransformerConfig(d_model=64, n_heads=4, n_layers=1, max_len=12, mup_base_width=16)
@@ -420,7 +406,6 @@ def test_mup_groups_learning_rates_and_refuses_the_vmap_ensemble():
     opt = make_optimizer(list(model.parameters()), dl.TrainConfig(lr=1e-2))
     set_lr(opt, 1e-2)
     assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([2.5e-3, 1e-2])
-    assert "μP" in vmap_obstacle([model, dl.SequenceModel(cfg, seed=1)], dl.TrainConfig())
     with pytest.raises(dl.ConfigError, match="mup_base_width"):
         dl.TransformerConfig(mup_base_width=0)
 
@@ -452,7 +437,7 @@ def test_independent_weight_decay_follows_the_schedule_not_the_learning_rate():
 
 
 def test_best_lr_finds_the_vertex_of_a_parabola_in_log_lr_and_stays_on_the_grid_at_an_edge():
-    from depthlab.training import best_lr
+    from depthlab.analysis import best_lr
 
     grid = [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
     for true in (0.012, 0.02, 0.05):             # loss = 1 + (ln lr - ln true)², off the grid

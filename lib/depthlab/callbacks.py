@@ -3,8 +3,12 @@
 Per-layer update sizes and gradient norms at every step, and the probes of chapter 4: how each
 layer's input distribution drifts (Ioffe & Szegedy's internal covariate shift), how much a
 layer's gradient changes when the layers before it move (Santurkar et al.'s gradient ICS), and
-how smooth the loss is along the gradient. Each probe measures on a fixed batch inside
-``hooks.probing``, so a watched run is bit for bit the run it would have been unwatched.
+how smooth the loss is along the gradient; the attention and output logits and the gradients'
+size of chapter 8. Each probe measures on a fixed batch inside ``measure.isolated``, so a
+watched run is bit for bit the run it would have been unwatched.
+
+Every callback acts every ``every`` steps (``training.Callback``); those marked ``groupable``
+read the model only between steps and can watch one member of a group of runs.
 """
 
 from __future__ import annotations
@@ -17,8 +21,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .hooks import Recorder, find_layers, probing, record, run_once
-from .training import Callback, device_of, loss_and_accuracy
+from .devices import device_of
+from .losses import loss_and_accuracy
+from .measure import (
+    Recorder,
+    attention_logit_stats,
+    find_layers,
+    isolated,
+    layer_weights,
+    output_log_partition,
+    record,
+    run_once,
+)
+from .training import Callback
 
 
 class UpdateRatio(Callback):
@@ -31,24 +46,23 @@ class UpdateRatio(Callback):
     of per-step arrays (L,), also returned to the loop as ``update/<l>`` extras.
     """
 
+    groupable = True
+
     def __init__(self, layers: Sequence[nn.Module] | None = None, every: int = 1) -> None:
+        super().__init__(every)
         self._layers = list(layers) if layers is not None else None
-        self.every = every
         self.steps: list[int] = []
         self.log10: list[np.ndarray] = []
         self._before: list[list[Tensor]] = []
 
     def _weights(self, model: nn.Module) -> list[list[Tensor]]:
         layers = self._layers if self._layers is not None else find_layers(model)
-        return [[p for p in layer.parameters() if p.dim() >= 2] for layer in layers]
+        return [layer_weights(layer) for layer in layers]
 
     def before_step(self, step: int, model: nn.Module) -> None:
-        if step % self.every == 0:
-            self._before = [[w.detach().clone() for w in ws] for ws in self._weights(model)]
+        self._before = [[w.detach().clone() for w in ws] for ws in self._weights(model)]
 
     def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
-        if step % self.every:
-            return None
         ratios = []
         for ws, olds in zip(self._weights(model), self._before):
             du = sum(float((w.detach() - o).double().pow(2).sum()) for w, o in zip(ws, olds))
@@ -72,7 +86,10 @@ class WeightNorms(Callback):
     gradient is orthogonal to them, so every step can only lengthen them.
     """
 
-    def __init__(self, layers: Sequence[nn.Module] | None = None) -> None:
+    groupable = True
+
+    def __init__(self, layers: Sequence[nn.Module] | None = None, every: int = 1) -> None:
+        super().__init__(every)
         self._layers = list(layers) if layers is not None else None
         self.start = np.zeros(0)
         self.weight: list[np.ndarray] = []
@@ -80,7 +97,7 @@ class WeightNorms(Callback):
 
     def _matrices(self, model: nn.Module) -> list[list[Tensor]]:
         layers = self._layers if self._layers is not None else find_layers(model)
-        return [[p for p in layer.parameters() if p.dim() >= 2] for layer in layers]
+        return [layer_weights(layer) for layer in layers]
 
     @staticmethod
     def _norm(tensors: list[Tensor]) -> float:
@@ -104,6 +121,7 @@ class LayerGradNorms(Callback):
     """
 
     def __init__(self, layers: Sequence[nn.Module] | None = None) -> None:
+        super().__init__()
         self._layers = layers
         self._ctx = None
         self._rec: Recorder | None = None
@@ -132,7 +150,7 @@ class LayerGradNorms(Callback):
 def _loss_grads(model: nn.Module, params: Sequence[Tensor], inputs: Tensor, targets: Tensor,
                 seed: int) -> tuple[float, list[Tensor]]:
     """Loss on (inputs, targets) and its gradient with respect to ``params``, inside probing."""
-    with probing(model, seed):
+    with isolated(model, seed):
         loss, _ = loss_and_accuracy(model(inputs), targets)
         grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     return loss.item(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
@@ -171,18 +189,19 @@ class InputDrift(Callback):
     network can drift too.
     """
 
+    groupable = True
+
     def __init__(self, probe: Tensor, layers: Sequence[nn.Module] | None = None,
                  every: int = 10, mode: str = "train") -> None:
+        super().__init__(every)
         if mode not in ("train", "eval"):
             raise ValueError(f"mode={mode!r}; choose 'train' or 'eval'")
-        self.probe, self._layers, self.every, self.mode = probe, layers, every, mode
+        self.probe, self._layers, self.mode = probe, layers, mode
         self.steps: list[int] = []
         self.mean: list[list[np.ndarray]] = []
         self.std: list[list[np.ndarray]] = []
 
     def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
-        if step % self.every:
-            return None
         layers = list(self._layers) if self._layers is not None else find_layers(model)
         seen: list[Tensor] = [torch.empty(0)] * len(layers)
 
@@ -192,7 +211,7 @@ class InputDrift(Callback):
             return hook
 
         handles = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
-        with probing(model, seed=step, train=self.mode == "train"):
+        with isolated(model, seed=step, train=self.mode == "train"):
             run_once(model, self.probe.to(device_of(model)), handles)
         self.steps.append(step)
         self.mean.append([s.mean(0).cpu().numpy() for s in seen])
@@ -225,17 +244,18 @@ class GradientICS(Callback):
     0, 0 and 1).
     """
 
+    groupable = True
+
     def __init__(self, probe: tuple[Tensor, Tensor], lr: float,
                  layers: Sequence[nn.Module] | None = None, every: int = 10) -> None:
-        self.probe, self.lr, self._layers, self.every = probe, lr, layers, every
+        super().__init__(every)
+        self.probe, self.lr, self._layers = probe, lr, layers
         self.steps: list[int] = []
         self.relative: list[np.ndarray] = []
         self.absolute: list[np.ndarray] = []
         self.cosine: list[np.ndarray] = []
 
     def before_step(self, step: int, model: nn.Module) -> None:
-        if step % self.every:
-            return
         layers = list(self._layers) if self._layers is not None else find_layers(model)
         params = [list(layer.parameters()) for layer in layers]
         device = device_of(model)
@@ -275,10 +295,13 @@ class Smoothness(Callback):
     range compares landscapes rather than gradient sizes). Lists of floats.
     """
 
+    groupable = True
+
     def __init__(self, probe: tuple[Tensor, Tensor],
                  step_sizes: Sequence[float] = (0.05, 0.1, 0.2, 0.4),
                  every: int = 10, normalised: bool = False) -> None:
-        self.probe, self.step_sizes, self.every = probe, tuple(step_sizes), every
+        super().__init__(every)
+        self.probe, self.step_sizes = probe, tuple(step_sizes)
         self.normalised = normalised
         self.steps: list[int] = []
         self.loss_range: list[float] = []
@@ -286,8 +309,6 @@ class Smoothness(Callback):
         self.grad_norm: list[float] = []
 
     def before_step(self, step: int, model: nn.Module) -> None:
-        if step % self.every:
-            return
         params = [p for p in model.parameters() if p.requires_grad]
         device = device_of(model)
         x, y = (t.to(device) for t in self.probe)
@@ -309,62 +330,27 @@ class Smoothness(Callback):
         self.beta.append(max(betas) if finite else math.inf)
 
 
-def _check_every(every: int) -> None:
-    """A recording interval: an integer >= 1 (a bool is refused although it is an int)."""
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every={every!r} must be an integer >= 1")
-
-
-def attention_logit_stats(model: nn.Module, inputs: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per attention module of ``model``, in order: the largest |attention logit| and the mean
-    entropy (nats) of the attention rows, on one batch; the model untouched.
-
-    An attention module is any submodule with ``attention_logits(x)`` (depthlab's
-    ``SelfAttention``; chapter 8). The logits are QKᵀ/√Dh over the positions a token may see;
-    the entropy is that of softmax(logits) per row, ln(i + 1) at most for row i of a causal
-    model and 0 for attention on a single position.
-    """
-    modules = [m for m in model.modules() if callable(getattr(m, "attention_logits", None))]
-    if not modules:
-        raise ValueError(f"{type(model).__name__} has no attention module with "
-                         "attention_logits(x) to measure")
-    biggest, entropy = [], []
-
-    def measure(module, args):
-        logits = module.attention_logits(args[0]).detach().double()   # (B, H, T, T)
-        seen = torch.isfinite(logits)
-        biggest.append(float(logits.masked_fill(~seen, 0.0).abs().max()))
-        p = logits.softmax(-1)
-        plogp = torch.where(p > 0, p * p.log(), torch.zeros_like(p))
-        entropy.append(float(-plogp.sum(-1).mean()))
-
-    handles = [m.register_forward_pre_hook(measure) for m in modules]
-    with probing(model):
-        run_once(model, inputs.to(device_of(model)), handles)
-    return np.array(biggest), np.array(entropy)
-
-
 class AttentionLogits(Callback):
     """The attention logits' growth during training (Dehghani et al. 2023; chapter 8).
 
-    Every ``every`` steps (and at the last step) the probe inputs go through the model and
+    Every ``every`` steps the probe inputs go through the model and
     ``attention_logit_stats`` records, per attention module, the largest |logit| and the mean
     row entropy. Results: ``self.steps``, ``self.max_logit`` and ``self.entropy`` (lists of
     (L,) arrays, one per record); the loop's extras get ``attn_logit/<l>`` and
-    ``attn_entropy/<l>``. Measures inside ``hooks.probing``: the run is the run it would have
+    ``attn_entropy/<l>``. Measures inside ``measure.isolated``: the run is the run it would have
     been unwatched.
     """
 
+    groupable = True
+
     def __init__(self, probe: Tensor, every: int = 10) -> None:
-        _check_every(every)
-        self.probe, self.every = probe, every
+        super().__init__(every)
+        self.probe = probe
         self.steps: list[int] = []
         self.max_logit: list[np.ndarray] = []
         self.entropy: list[np.ndarray] = []
 
     def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
-        if step % self.every:
-            return None
         biggest, entropy = attention_logit_stats(model, self.probe)
         self.steps.append(step)
         self.max_logit.append(biggest)
@@ -373,34 +359,24 @@ class AttentionLogits(Callback):
                 **{f"attn_entropy/{i}": float(v) for i, v in enumerate(entropy)}}
 
 
-def log_partition(model: nn.Module, inputs: Tensor) -> Tensor:
-    """log Z = logsumexp of the output logits at every position of ``inputs``: (B, T), the
-    model untouched. A softmax is unchanged when all logits shift together, so nothing in the
-    cross-entropy holds log Z in place; Chowdhery et al. (2022) saw it drift far from 0 late in
-    long runs and added the z-loss, 1e-4·(log Z)², to pull it back (chapter 8)."""
-    with probing(model), torch.no_grad():
-        logits = model(inputs.to(device_of(model)))
-    return torch.logsumexp(logits.detach().double(), dim=-1)
-
-
 class OutputLogits(Callback):
-    """log Z of the output logits on ``probe`` during training (``log_partition``).
+    """log Z of the output logits on ``probe`` during training (``measure.output_log_partition``).
 
     Every ``every`` steps records ``self.steps``, ``self.log_z_mean`` and ``self.log_z_min``
     (over the probe's positions); the loop's extras get ``log_z/mean`` and ``log_z/min``.
     """
 
+    groupable = True
+
     def __init__(self, probe: Tensor, every: int = 10) -> None:
-        _check_every(every)
-        self.probe, self.every = probe, every
+        super().__init__(every)
+        self.probe = probe
         self.steps: list[int] = []
         self.log_z_mean: list[float] = []
         self.log_z_min: list[float] = []
 
     def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
-        if step % self.every:
-            return None
-        log_z = log_partition(model, self.probe)
+        log_z = output_log_partition(model, self.probe)
         self.steps.append(step)
         self.log_z_mean.append(float(log_z.mean()))
         self.log_z_min.append(float(log_z.min()))
@@ -417,16 +393,15 @@ class GradientRMS(Callback):
     (P,) array per record). Reads gradients only: the run is unchanged.
     """
 
+    groupable = True
+
     def __init__(self, every: int = 10) -> None:
-        _check_every(every)
-        self.every = every
+        super().__init__(every)
         self.steps: list[int] = []
         self.names: list[str] = []
         self.rms: list[np.ndarray] = []
 
     def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
-        if step % self.every:
-            return None
         named = [(n, p) for n, p in model.named_parameters() if p.ndim >= 2 and p.grad is not None]
         self.names = [n for n, _ in named]
         rms = np.array([float(p.grad.detach().double().pow(2).mean().sqrt()) for _, p in named])

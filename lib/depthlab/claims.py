@@ -40,6 +40,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .seeding import seed_offset
+
 LEDGER_ENV = "DEPTHLAB_LEDGER"
 RAISE_ENV = "DEPTHLAB_CLAIMS_RAISE"
 VERDICTS = ("holds", "refuted", "not shown here")
@@ -431,8 +433,8 @@ def verdict_table(rows: Sequence[Mapping[str, str]], claims: ClaimBook) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     try:
-        from IPython import get_ipython
-        from IPython.display import Markdown, display
+        from IPython import get_ipython  # only in a notebook, where IPython is there
+        from IPython.display import Markdown, display  # (the library runs without it)
         if get_ipython() is not None:
             display(Markdown(text))
     except ImportError:
@@ -442,8 +444,8 @@ def verdict_table(rows: Sequence[Mapping[str, str]], claims: ClaimBook) -> str:
 
 def _show(v: Verdict) -> None:
     try:
-        from IPython import get_ipython
-        from IPython.display import HTML, display
+        from IPython import get_ipython  # only in a notebook (see above)
+        from IPython.display import HTML, display  # (the library runs without it)
     except ImportError:                                        # plain Python: print instead
         print(v.to_text())
         return
@@ -464,8 +466,6 @@ def read_ledger(path: Path | str) -> list[dict]:
 
 def write_ledger_entry(path: Path, v: Verdict) -> None:
     """Upsert one verdict by (chapter, claim id); written atomically."""
-    from .seeding import seed_offset
-
     records = {(r["chapter"], r["claim_id"]): r for r in read_ledger(path)}
     rec = v.to_record()
     key = (v.chapter, v.claim_id)

@@ -13,6 +13,10 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import torch
+
+from .seeding import default_seed
+
 NORM_PLACEMENTS = ("post", "pre", "none")
 NORM_KINDS = ("layer", "batch", "rms", "group", "none")
 NORM_GROUPS = 8                # GroupNorm: features are split into this many groups
@@ -71,8 +75,6 @@ def _boolean(obj: Any, name: str, allow_none: bool = False) -> None:
 
 def check_device(owner: str, value: Any) -> None:
     """``"auto"`` or a torch device string that parses and exists on this machine."""
-    import torch
-
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{owner}={value!r} must be 'auto' or a device such as 'cpu', "
                           "'cuda', 'cuda:1' or 'mps'")
@@ -326,8 +328,6 @@ class TrainConfig(_Config):
     plateau_tol: float = 0.05   # relative loss drop below which a run counts as stalled
 
     def __post_init__(self) -> None:
-        from .seeding import default_seed
-
         _positive_int(self, "steps")
         _number(self, "lr", 0.0, low_open=True)
         _choice(self, "optimizer", OPTIMIZERS)

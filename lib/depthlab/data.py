@@ -8,6 +8,7 @@ same batches in the same order. Targets use ``IGNORE = -100`` where no loss is t
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,14 +17,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-IGNORE = -100  # target value that the loss and accuracy skip (PyTorch's ignore_index)
+from .config import ConfigError
+from .losses import IGNORE
+from .seeding import default_seed
+
 TASKS = ("sort", "reverse", "copy")
 
 
 def _default_seed(obj) -> None:
     """Fill a frozen data source's ``seed=None`` from depthlab's one seed source."""
     if obj.seed is None:
-        from .seeding import default_seed
         object.__setattr__(obj, "seed", default_seed())
 
 
@@ -46,7 +49,6 @@ class SequenceTask:
     min_n: int | None = None   # variable lengths min_n..n, padded with ``pad``; None = fixed
 
     def __post_init__(self) -> None:
-        from .config import ConfigError
         _default_seed(self)
         if self.kind not in TASKS:
             raise ConfigError(f"SequenceTask.kind={self.kind!r} is not allowed; choose one of "
@@ -140,19 +142,17 @@ class CharText:
     VOCAB = 97                 # newline, the 95 printable ASCII characters, "other"
 
     def __post_init__(self) -> None:
-        from pydoc_data.topics import topics
-
-        from .config import ConfigError
         _default_seed(self)
         for name, low in (("seq_len", 1), ("batch_size", 1), ("seed", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"CharText.{name}={v!r} must be an integer >= {low}")
-        text = "".join(topics[k] for k in sorted(topics))
-        codes = np.frombuffer(text.encode("ascii", "replace"), dtype=np.uint8).astype(np.int64)
-        codes = np.where(codes == 10, 0, np.where((codes >= 32) & (codes < 127), codes - 31,
-                                                  96))
-        object.__setattr__(self, "_codes", torch.from_numpy(codes))
+        object.__setattr__(self, "_codes", _pydoc_codes())
+
+    def __reduce__(self):
+        # rebuilt from its settings where it is unpickled: a sweep's worker sends back the
+        # settings, not 0.5 M characters
+        return (CharText, (self.seq_len, self.batch_size, self.seed))
 
     @property
     def vocab_size(self) -> int:
@@ -195,25 +195,14 @@ class Digits:
     _arrays: dict = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        from .config import ConfigError
         _default_seed(self)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
                 or self.batch_size < 1:
             raise ConfigError(f"Digits.batch_size={self.batch_size!r} must be an integer >= 1")
-        X, y = load_digits(return_X_y=True)
-        Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
-        mean = Xtr.mean(0)
-        sd = np.maximum(Xtr.std(0), 1.0)
-        arrays = {
-            "x_train": torch.tensor((Xtr - mean) / sd, dtype=torch.float32),
-            "y_train": torch.tensor(ytr, dtype=torch.int64),
-            "x_test": torch.tensor((Xte - mean) / sd, dtype=torch.float32),
-            "y_test": torch.tensor(yte, dtype=torch.int64),
-        }
-        object.__setattr__(self, "_arrays", arrays)
+        object.__setattr__(self, "_arrays", dict(_digits_arrays()))  # own dict, shared tensors
+
+    def __reduce__(self):
+        return (Digits, (self.batch_size, self.seed))        # rebuilt, not copied (CharText)
 
     @property
     def train(self) -> tuple[Tensor, Tensor]:
@@ -269,7 +258,6 @@ class ShiftedGaussians:
     freq: float = 1.5
 
     def __post_init__(self) -> None:
-        from .config import ConfigError
         for name in ("train_sd", "test_sd", "sharpness", "freq"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v <= 0:
@@ -326,7 +314,6 @@ class TensorData:
     weights: Tensor | None = None
 
     def __post_init__(self) -> None:
-        from .config import ConfigError
         _default_seed(self)
         if len(self.inputs) != len(self.targets):
             raise ConfigError(f"TensorData: {len(self.inputs)} inputs but "
@@ -366,7 +353,7 @@ def importance_weights(source: Tensor, target: Tensor, *, features=quadratic_fea
     p_target(x) / p_source(x) = (n_source / n_target) · P(target | x) / P(source | x).
     source: (N, F), target: (M, F) -> weights (N,), normalised to mean 1. (Chapter 4.)
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # scikit-learn: slow to import, once
 
     X = np.vstack([features(source), features(target)])
     domain = np.r_[np.zeros(len(source)), np.ones(len(target))]
@@ -419,3 +406,32 @@ def label_shift_weights(val_predictions: Tensor, val_targets: Tensor,
     q = torch.bincount(test_predictions, minlength=n_classes).double() / len(test_predictions)
     w = torch.linalg.lstsq(C, q.unsqueeze(1)).solution.squeeze(1)
     return w.clamp(min=0.0)
+
+
+@functools.lru_cache(maxsize=1)
+def _pydoc_codes() -> Tensor:
+    """The pydoc topics as symbols 0..96, read once per process (read-only, shared)."""
+    from pydoc_data.topics import topics  # 0.5 MB of text: only when CharText is used
+
+    text = "".join(topics[k] for k in sorted(topics))
+    codes = np.frombuffer(text.encode("ascii", "replace"), dtype=np.uint8).astype(np.int64)
+    codes = np.where(codes == 10, 0, np.where((codes >= 32) & (codes < 127), codes - 31, 96))
+    return torch.from_numpy(codes)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> dict[str, Tensor]:
+    """scikit-learn's digits split and standardised once per process (read-only, shared)."""
+    from sklearn.datasets import load_digits  # scikit-learn: slow to import, only
+    from sklearn.model_selection import train_test_split  # when Digits is used
+
+    X, y = load_digits(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+    mean = Xtr.mean(0)
+    sd = np.maximum(Xtr.std(0), 1.0)
+    return {
+        "x_train": torch.tensor((Xtr - mean) / sd, dtype=torch.float32),
+        "y_train": torch.tensor(ytr, dtype=torch.int64),
+        "x_test": torch.tensor((Xte - mean) / sd, dtype=torch.float32),
+        "y_test": torch.tensor(yte, dtype=torch.int64),
+    }

@@ -31,10 +31,11 @@ import numpy as np
 
 from .config import TrainConfig, TransformerConfig
 from .data import SequenceTask
-from .hooks import gradient_profile
+from .distributed import init_distributed
+from .measure import gradient_profile
 from .models import SequenceModel
-from .parallel import init_distributed, sweep
 from .seeding import seeds
+from .sweeps import sweep
 from .training import train_and_evaluate
 
 # Chapter 5's settings (its S dictionary), by experiment and scale.
@@ -83,7 +84,7 @@ def _xiong_point(point: tuple) -> dict:
     s, placement, depth, seed = point
     cfg = _config(s, depth, placement)
     batch = _sort(seed, s["n"], s["probe_batch"]).batch(0)
-    p = gradient_profile(SequenceModel(cfg, seed=seed), [batch], weight="mlp.fc2.weight")
+    p = gradient_profile(SequenceModel(cfg, seed=seed), batch, weight="mlp.fc2.weight")
     return {"placement": placement, "depth": depth, "seed": seed,
             "weight_grad_norm": [float(v) for v in p.weight_grad_norm],
             "stream_std": float(p.act_std[-1])}
@@ -136,7 +137,7 @@ def lr_map_accuracy(result: dict) -> dict[str, np.ndarray]:
 def plot_lr_map(result: dict):
     """Held-out accuracy against learning rate for each block (bands: seeds), the chapter 5
     figure, from a result at any scale."""
-    from . import plots
+    from . import plots  # matplotlib only when something is drawn, not for the command line
 
     s = result["settings"]
     fig, axes = plots.figure(width=5.5, takeaway=f"Learning-rate map at the {result['scale']} "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import itertools
 import json
 import os
@@ -31,7 +32,7 @@ MAX_FRAMES = 16
 
 def _display(obj: Any) -> None:
     try:
-        from IPython.display import display
+        from IPython.display import display  # only in a notebook (the library runs without)
     except ImportError:
         return
     display(obj)
@@ -44,7 +45,7 @@ def _show_figure(fig: Figure) -> None:
 
 def make_controls(controls: Mapping[str, Sequence], defaults: Mapping[str, Any]) -> dict:
     """One widget per control: a slider over numeric choices, a dropdown otherwise."""
-    import ipywidgets as widgets
+    import ipywidgets as widgets  # optional (depthlab[widgets]): only for a live explorer
 
     made = {}
     for name, options in controls.items():
@@ -103,7 +104,6 @@ def frames_html(plot: Callable[..., Figure], controls: Mapping[str, Sequence],
 
 
 def _png(fig: Figure) -> bytes:
-    import io
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, facecolor="white")
@@ -131,7 +131,7 @@ def explorer(plot: Callable[..., Figure], controls: Mapping[str, Sequence],
     if static is None:
         static = bool(os.environ.get(STATIC_ENV))
     try:
-        import ipywidgets as widgets
+        import ipywidgets as widgets  # optional (depthlab[widgets]): only for a live explorer
     except ImportError:
         static = True
     if static:
@@ -143,7 +143,7 @@ def explorer(plot: Callable[..., Figure], controls: Mapping[str, Sequence],
         if _key(defaults, names) not in {_key(s, names) for s in settings}:
             settings.insert(0, defaults)
         try:
-            from IPython.display import HTML
+            from IPython.display import HTML  # only in a notebook
         except ImportError:
             _show_figure(plot(**defaults))
             return None

@@ -12,6 +12,7 @@ PyTorch's weights into a ``Block`` so the two can be compared number for number 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .config import MLPConfig, TransformerConfig
+from .config import NORM_GROUPS, MLPConfig, TransformerConfig
+from .devices import device_of
 from .seeding import default_seed
 
 # --------------------------------------------------------------------------------------------
@@ -79,7 +81,7 @@ class RMSNorm(nn.Module):
         self.eps, self.fused = eps, fused
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused and hasattr(F, "rms_norm"):              # F.rms_norm: torch >= 2.4
+        if self.fused:
             return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
@@ -177,8 +179,6 @@ def make_norm(kind: str, d: int, eps: float = 1e-5, noise: float = 0.0) -> nn.Mo
     """The norm layer named by a config's ``norm_kind``; "none" gives ``nn.Identity``.
 
     ``noise`` > 0 makes a noisy BatchNorm (see ``BatchNorm._add_noise``); batch only."""
-    from .config import NORM_GROUPS
-
     if kind == "layer":
         return LayerNorm(d, eps)
     if kind == "rms":
@@ -397,24 +397,28 @@ class Block(nn.Module):
 
 
 def apply_mup(model: nn.Module, width: int, base_width: int) -> nn.Module:
-    """A simple μP (Yang et al. 2022, for Adam; chapter 8): with m = width / base_width, every
-    hidden matrix (attention and MLP) learns at lr/m, and the head's logits are multiplied by
-    1/m (in ``SequenceModel.forward``) with the head learning at lr/m as well. The
-    initialisation stays as the scheme draws it: μP's rule assumes variance 1/fan_in
-    (``init="fan_in"``); with a fixed N(0, 0.02) a layer's output grows with √width itself.
+    """μP for Adam (Yang et al. 2022, Tensor Programs V; chapter 8), relative to
+    ``base_width``: with m = width / base_width, every *hidden* weight matrix (attention's
+    query/key/value and output projections, both MLP matrices) learns at lr/m. The readout
+    keeps a width-independent learning rate and its logits are multiplied by 1/m instead
+    (``SequenceModel.forward``; the ``mup`` package's MuReadout); embeddings, biases and norm
+    gains keep a width-independent rate. (Scaling the readout's rate by 1/m as well would
+    scale its effect twice: the logits' change would fall as 1/m².)
 
-    Under Adam each entry of a matrix moves by about the learning rate, so a hidden layer's
-    output changes by about lr·fan_in per step: m times more at m times the width. lr/m keeps
-    that change the same at every width, which is why the best learning rate can carry over
-    from a small model to a wide one. (The full μP also changes the attention's 1/√Dh to
-    1/Dh and the embeddings' learning rate; depthlab keeps those as they are.) Marks the
-    parameters with ``lr_scale``, which ``training.make_optimizer`` reads.
+    Why: under Adam each entry of a matrix moves by about the learning rate, so a hidden
+    layer's output changes by about lr·fan_in per step, m times more at m times the width;
+    lr/m keeps that change the same at every width, which is what lets the best learning rate
+    carry over from a narrow model to a wide one. μP's rule assumes weights of variance
+    1/fan_in (``init="fan_in"``). The attention keeps its 1/√Dh: the book's models keep the
+    head width Dh fixed as they widen, where μP's 1/Dh and 1/√Dh differ by a constant.
+    Marks the parameters with ``lr_scale``, which the optimisers read. The coordinate check
+    (``probes.coordinate_check``) tests the result.
     """
     m = width / base_width
+    head = getattr(model, "head", None)
     for module in model.modules():
-        if isinstance(module, nn.Linear):
-            for p in module.parameters():
-                p.lr_scale = 1.0 / m                      # type: ignore[attr-defined]
+        if isinstance(module, nn.Linear) and module is not head:
+            module.weight.lr_scale = 1.0 / m                # type: ignore[attr-defined]
     return model
 
 
@@ -459,6 +463,10 @@ class Encoder(nn.Module):
                                if cfg.has_final_norm else nn.Identity())
         init_weights(self, cfg.init, n_layers=cfg.n_layers, gain=cfg.init_gain, seed=seed)
         self.checkpoint = False    # recompute each block in backward (``gradient_checkpointing``)
+
+    def structure_key(self):
+        """What fixes this model's function (see ``grouped.structure``)."""
+        return _structure(self)
 
     def forward(self, x: Tensor) -> Tensor:
         recompute = self.checkpoint and torch.is_grad_enabled()
@@ -526,6 +534,10 @@ class SequenceModel(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         return self.encoder.layers
+
+    def structure_key(self):
+        """What fixes this model's function (see ``grouped.structure``)."""
+        return _structure(self)
 
     def forward(self, idx: Tensor) -> Tensor:
         B, T = idx.shape
@@ -608,10 +620,23 @@ class DeepMLP(nn.Module):
             self.head = nn.Linear(dims[-1], cfg.d_out)
         init_weights(self, cfg.init, n_layers=cfg.depth, gain=cfg.init_gain, seed=seed)
 
+    def structure_key(self):
+        """What fixes this model's function (see ``grouped.structure``)."""
+        return _structure(self)
+
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers:
             x = layer(x)
         return self.head(x)
+
+
+def _structure(model: nn.Module):
+    """The class and the configuration without the fields that only choose initial values:
+    two depthlab models with equal keys compute the same function of their parameters."""
+    only_initial = {"init": "torch", "init_gain": 1.0}
+    if isinstance(model.cfg, TransformerConfig):
+        only_initial["embed_std"] = None
+    return type(model).__name__, model.cfg.replace(**only_initial)
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,3 +751,38 @@ def _fill(param: Tensor, sample) -> None:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm in ``model``: depthlab's ``BatchNorm`` and PyTorch's BatchNorm1d/2d/3d."""
+    return [m for m in model.modules()
+            if isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm))]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, inputs: Tensor, *,
+                          batch_size: int | None = None) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``inputs``.
+
+    The running mean and variance become the plain average over mini-batches of
+    ``batch_size`` (default: one batch of all inputs) of the batch statistics, instead of the
+    exponential moving average collected during training ("precise BN", Wu & Johnson 2021).
+    Weights are untouched; the copy is returned in eval mode. Used in chapter 3 to ask whether
+    a BatchNorm network's poor eval accuracy comes from stale running statistics.
+    """
+    fresh = copy.deepcopy(model)
+    norms = batchnorm_layers(fresh)
+    if not norms:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm layer to recalibrate")
+    saved = [n.momentum for n in norms]
+    device = device_of(fresh)
+    fresh.train()
+    size = batch_size or len(inputs)
+    starts = [s for s in range(0, len(inputs), size) if len(inputs) - s >= 2]  # BN needs 2
+    for k, start in enumerate(starts):
+        for n in norms:      # momentum 1/(k+1): running value = mean of the first k+1 batches
+            n.momentum = 1.0 / (k + 1)
+        fresh(inputs[start:start + size].to(device))
+    for n, m in zip(norms, saved):
+        n.momentum = m
+    return fresh.eval()

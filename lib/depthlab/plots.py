@@ -13,13 +13,22 @@ such a problem raises, so no chapter can publish one.
 
 from __future__ import annotations
 
+import io
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PathCollection, PolyCollection
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
+from matplotlib.patches import Circle, FancyBboxPatch, Rectangle
+from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
+from matplotlib.transforms import Bbox
 
 STYLE = {
     "figure.facecolor": "white",
@@ -45,7 +54,6 @@ class BookFigure(Figure):
     """
 
     def _repr_png_(self) -> bytes:
-        import io
 
         place_legends(self)
         for _ in range(3):              # thinning labels changes the layout, and so can legends
@@ -67,7 +75,6 @@ class FigureProblem(AssertionError):
 
 
 def _renderer(fig: Figure):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
@@ -78,10 +85,6 @@ def _renderer(fig: Figure):
 def _data_boxes(ax: Axes, renderer) -> list:
     """Display-space boxes of everything plotted in ``ax``: line segments (sampled), markers,
     bars, filled bands and images. A legend must not sit on any of them."""
-    from matplotlib.collections import PathCollection, PolyCollection
-    from matplotlib.image import AxesImage
-    from matplotlib.patches import Rectangle
-    from matplotlib.transforms import Bbox
 
     boxes = []
     clip = ax.get_window_extent(renderer)
@@ -189,7 +192,6 @@ def _place_legends_once(fig: Figure) -> bool:
 
 def _corner_box(loc: str, width: float, height: float, parent, pad: float):
     """Where matplotlib puts a legend of this size at ``loc`` inside ``parent`` (display)."""
-    from matplotlib.transforms import Bbox
 
     vertical, _, horizontal = loc.partition(" ")
     x0 = {"left": parent.x0 + pad, "right": parent.x1 - pad - width,
@@ -293,7 +295,6 @@ def tidy_log_ticks(fig: Figure) -> bool:
     minor ticks are kept at 2 and 5 × 10^k only, and if those still collide, only the powers
     of ten are labelled.
     """
-    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
 
     renderer = _renderer(fig)
     changed = False
@@ -406,7 +407,6 @@ def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float 
         axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
     fig.patch.set_facecolor("white")
     if takeaway:
-        import textwrap
 
         # 10-12 bold 11-pt characters per inch: wrap so the line never leaves the figure
         fig.suptitle(textwrap.fill(takeaway, width=max(30, int(width * ncols * 10.5))),
@@ -461,7 +461,6 @@ def heatmap(ax: Axes, values: np.ndarray, row_labels: Sequence, col_labels: Sequ
             fmt: str = "{:.2f}", vmin: float | None = None, vmax: float | None = None,
             cmap: str = "viridis", log: bool = False) -> Axes:
     """A sweep as a heatmap with every cell annotated. values: (rows, cols)."""
-    from matplotlib.colors import LogNorm
 
     v = np.asarray(values, dtype=float)
     norm = LogNorm(vmin=vmin, vmax=vmax) if log else None
@@ -530,7 +529,6 @@ def versus(ax: Axes, x: Sequence[float], series: Mapping[str, Sequence[float]], 
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label=reference_label)
     if logx:
-        from matplotlib.ticker import NullFormatter
 
         ax.set_xscale("log")
         ax.set_xticks(list(x), [str(v) for v in x])          # label the measured x values only
@@ -616,7 +614,6 @@ def predicted_vs_measured(ax: Axes, predicted: Mapping[str, float],
     ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1,
             label="prediction = measurement")
     if log:
-        from matplotlib.ticker import NullFormatter
 
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -638,7 +635,6 @@ def norm_axes_diagram(ax: Axes, kind: str, *, batch: int = 3, tokens: int = 4,
     cells are pooled into one statistic: a column for BatchNorm (one feature over every token
     of every sequence), a row for LayerNorm and RMSNorm (one token's features). (Chapter 3.)
     """
-    from matplotlib.patches import Rectangle
 
     rows = batch * tokens
     for r in range(rows):
@@ -704,7 +700,6 @@ def block_diagram(ax: Axes, cfg, *, title: str | None = None) -> Axes:
     ``TransformerConfig``: ``norm_placement``, ``norm_kind``, ``residual``, ``alpha_sa``,
     ``alpha_ff``, ``beta_ff``, ``attention``, ``identity_values`` and ``parallel``.
     """
-    from matplotlib.patches import Circle, FancyBboxPatch
 
     norm = _NORM_NAMES.get(cfg.norm_kind) if cfg.norm_placement != "none" else None
     attn = _ATTENTION_NAMES[cfg.attention] + ("\nV = W_O = I" if cfg.identity_values

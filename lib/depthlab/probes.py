@@ -1,8 +1,9 @@
 """Probes of depthlab's own models, set against theory: attention maps, the softmax Jacobian,
 the product-of-Jacobians prediction, end-to-end Jacobian spectra, BatchNorm's running-mean noise.
 
-Unlike ``hooks`` (which works on any module), these know what is inside a depthlab
-``SelfAttention``, ``MLPLayer`` or ``BatchNorm``. Each leaves the model untouched.
+Unlike ``measure`` (which works on any module), these know what is inside a depthlab
+``SelfAttention``, ``MLPLayer`` or ``BatchNorm``, or train one. Each leaves the model
+untouched. Same convention as ``measure``: ``f(model, batch, *, ...)``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import MLPConfig
-from .hooks import backward, find_layers, run_once, untouched, unwrap
-from .models import BatchNorm, MLPLayer, SelfAttention, init_variance
+from .config import MLPConfig, TrainConfig
+from .devices import to_model
+from .losses import loss_and_accuracy
+from .measure import backward, find_layers, inputs_of, run_once, untouched, unwrap
+from .models import BatchNorm, MLPLayer, SelfAttention, SequenceModel, init_variance
+from .training import train
 
 
 def softmax_jacobian_norms(probs: Tensor) -> Tensor:
@@ -31,7 +35,7 @@ def softmax_jacobian_norms(probs: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(jac).abs().amax(dim=-1)
 
 
-def attention_maps(model: nn.Module, inputs: Tensor) -> list[Tensor]:
+def attention_maps(model: nn.Module, batch) -> list[Tensor]:
     """Attention matrices of every ``SelfAttention`` in ``model`` on one batch, in order.
 
     Returns a list of (B, H, T, T) tensors (detached). Works through forward pre-hooks, so the
@@ -42,11 +46,11 @@ def attention_maps(model: nn.Module, inputs: Tensor) -> list[Tensor]:
     handles = [m.register_forward_pre_hook(
         lambda mod, args: captured.append(mod.attention_weights(args[0]).detach()))
         for m in modules]
-    run_once(model, inputs, handles)
+    run_once(model, to_model(model, inputs_of(batch)), handles)
     return captured
 
 
-def predicted_gradient_factors(model: nn.Module, inputs: Tensor) -> np.ndarray:
+def predicted_gradient_factors(model: nn.Module, batch) -> np.ndarray:
     """The product-of-Jacobians prediction for a plain ``DeepMLP`` (no norm, no skips).
 
     Backpropagation through layer l multiplies the gradient by Wₗᵀ·diag(φ'(aₗ)). For weights
@@ -62,7 +66,7 @@ def predicted_gradient_factors(model: nn.Module, inputs: Tensor) -> np.ndarray:
     pre: list[Tensor] = []
     handles = [layer.linear.register_forward_hook(lambda m, a, out: pre.append(out.detach()))
                for layer in layers]
-    run_once(model, inputs, handles)
+    run_once(model, to_model(model, inputs_of(batch)), handles)
     factors = []
     for layer, a in list(zip(layers, pre))[1:]:
         a = a.clone().requires_grad_(True)
@@ -146,7 +150,7 @@ def attention_weight_gradients(model: nn.Module, batch: tuple[Tensor, Tensor]) -
         raise ValueError(f"{type(model).__name__} has no depthlab SelfAttention")
     out: dict[str, list[float]] = {"query": [], "key": [], "value": []}
     with untouched(model):
-        backward(model, *batch)
+        backward(model, batch)
         for a in attns:
             g = a.qkv.weight.grad.detach().double()            # (3D, D): q, k, v stacked
             for name, part in zip(out, g.chunk(3, dim=0)):
@@ -154,7 +158,7 @@ def attention_weight_gradients(model: nn.Module, batch: tuple[Tensor, Tensor]) -
     return {k: np.array(v) for k, v in out.items()}
 
 
-def path_gradient_norms(model: nn.Module, inputs: Tensor, targets: Tensor, *,
+def path_gradient_norms(model: nn.Module, batch: tuple[Tensor, Tensor], *,
                         samples: int = 20, seed: int = 0) -> np.ndarray:
     """Veit et al.'s measure: how much gradient flows along residual paths of each length.
 
@@ -166,16 +170,15 @@ def path_gradient_norms(model: nn.Module, inputs: Tensor, targets: Tensor, *,
     path gradient for k = 0..L-1. Multiply by C(L-1, k) for the total flowing along all paths
     of length k (chapter 2). The model is left untouched.
     """
-    from torch.func import vjp
+    from torch.func import vjp  # noqa: I001 (torch.func imports functorch: only when used)
 
-    from .training import loss_and_accuracy
-
+    inputs, targets = batch
     layers = list(find_layers(model))
     if not all(isinstance(m, MLPLayer) for m in layers) or not all(
             m.residual for m in layers[1:]):
         raise ValueError("path_gradient_norms needs a residual DeepMLP")
     with untouched(model):
-        h = [inputs.to(next(model.parameters()).device)]
+        h = [to_model(model, inputs)]
         with torch.no_grad():
             for layer in layers:
                 h.append(layer(h[-1]))                     # h[l + 1] is layer l's output
@@ -272,10 +275,6 @@ def hidden_update_size(cfg, data, lr: float, *, seed: int = 0, block: int = 0) -
     Adam the standard parametrisation makes this grow about linearly with the width; μP keeps
     it the same at every width (Yang et al. 2022), which is μP's defining property.
     """
-    from .config import TrainConfig
-    from .models import SequenceModel
-    from .training import train
-
     model = SequenceModel(cfg, seed=seed)
     fc1 = model.layers[block].mlp.fc1
     seen: list[Tensor] = []

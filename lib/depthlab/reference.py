@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import models
 from .config import TransformerConfig
 from .interop import check_same_block, copy_encoder_weights
 from .models import Block
@@ -83,8 +84,6 @@ def norm_parity(x: Tensor, eps: float = 1e-5) -> dict[str, float]:
     transposes: forgetting that normalises over the wrong axis without any error (chapter 3).
     Default affine parameters (weight 1, bias 0) on both sides.
     """
-    from . import models
-
     d = x.shape[-1]
     kw = {"device": x.device, "dtype": x.dtype}               # compare where x lives
     ones, zeros = torch.ones(d, **kw), torch.zeros(d, **kw)

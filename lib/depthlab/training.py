@@ -1,13 +1,20 @@
-"""One training loop for every chapter.
+"""One training loop for every run of the book: one model, or a group of them at once.
 
 The loop knows nothing of models or tasks: it takes a module, a data source with
-``batch(step) -> (inputs, targets)`` and a ``TrainConfig``. The loss is cross-entropy over the
-last axis of the logits, skipping targets equal to ``IGNORE``. Measurements plug in through
+``batch(step) -> (inputs, targets)`` and a ``TrainConfig``, and minimises ``losses.objective``
+(cross-entropy over the last axis, skipping ``IGNORE``). Measurements plug in through
 ``Callback`` objects, so diagnostics never require editing the loop (chapter 0).
 
+``train(model, data, cfg)`` trains one model; ``train_group(models, datas, cfgs)`` trains
+several models of one structure together (``grouped``: their parameters stacked, one
+vectorised step for all), each with its own data, learning rate, warm-up, schedule, clipping
+threshold, weight decay and z-loss. Both go through the same loop below, so warm-up,
+clipping, divergence, plateaus, callbacks and messages are the same code for both.
+
 A run never raises because training went badly: a non-finite loss (or, without a loss scaler,
-a non-finite gradient) stops it and is reported as ``"diverged at step k"``; a loss that barely
-moves is reported as a plateau. It does raise for bad input: a batch with no labelled target is
+a non-finite gradient) stops it and is reported as ``"diverged at step k"``; in a group that
+member stops alone, where it was, and the others go on unchanged. A loss that barely moves is
+reported as a plateau. The loop does raise for bad input: a batch with no labelled target is
 a data error, not a divergence.
 
 Metrics stay on the device and are read back every ``TrainConfig.sync_every`` steps (nanoGPT
@@ -17,21 +24,24 @@ for every step. Divergence is detected at those reads; on the CPU they happen ev
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .data import IGNORE
+from .devices import autocast_context, device_of, pick_device, resolve_amp, rng_devices
+from .distributed import data_parallel_world, shard, whole_batch_objective
+from .grouped import GroupError, Stack, StackedOptimizer, obstacle
+from .losses import IGNORE, DataError, loss_and_accuracy, objective
 
 
 @runtime_checkable
@@ -49,14 +59,28 @@ class HeldOutSource(DataSource, Protocol):
     def eval_batch(self, size: int | None = None) -> tuple[Tensor, Tensor]: ...
 
 
-class DataError(ValueError):
-    """A batch the loss cannot be computed on (empty, or every target ``IGNORE``)."""
-
-
 class Callback:
-    """Hooks into the loop. Override what you need; return values of ``after_step`` (a dict of
-    floats) are stored in ``History.extras`` under the step number. ``on_train_end`` is always
-    called, also when the run raises, so a callback that installs hooks removes them there."""
+    """A measurement during training. Override what you need.
+
+    The loop calls ``before_step`` and ``after_step`` on the steps where ``step % every == 0``
+    (``every``: the constructor's argument, default every step). Values returned by
+    ``after_step`` (a dict of floats) are stored in ``History.extras`` under the step number.
+    ``on_train_end`` is always called, also when the run raises, so a callback that installs
+    hooks removes them there.
+
+    ``groupable``: True for a callback that reads the model only between steps (its weights,
+    gradients, or forward passes of its own). Such a callback can watch one member of a group
+    (``train_group``): the loop writes that member into its module before calling it. A
+    callback whose hooks must see the training step itself (forward hooks, as
+    ``LayerGradNorms`` uses) is not groupable, and its run is trained alone.
+    """
+
+    groupable = False
+
+    def __init__(self, every: int = 1) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"{type(self).__name__}: every={every!r} must be an integer >= 1")
+        self.every = every
 
     def on_train_start(self, model: nn.Module) -> None:
         pass
@@ -69,6 +93,10 @@ class Callback:
 
     def on_train_end(self, model: nn.Module) -> None:
         pass
+
+
+def _due(cb: Callback, step: int) -> bool:
+    return step % getattr(cb, "every", 1) == 0
 
 
 @dataclass
@@ -108,70 +136,6 @@ class History:
         """Mean of the last ``window`` steps of a metric (NaN for a run with no steps)."""
         values = getattr(self, metric)[-window:]
         return float(sum(values) / len(values)) if values else float("nan")
-
-
-def pick_device(preference: str = "auto") -> torch.device:
-    """``"auto"``: cuda if available, then mps, then cpu. Anything else is used as given."""
-    if preference != "auto":
-        return torch.device(preference)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def device_of(model: nn.Module) -> torch.device:
-    """The device of a model's first parameter (or buffer); the CPU for an empty module."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def rng_devices(device: torch.device) -> list:
-    """The devices whose random state ``torch.random.fork_rng`` must save besides the CPU."""
-    return [device] if device.type == "cuda" else []
-
-
-def loss_and_accuracy(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Cross-entropy and accuracy over positions whose target is not ``IGNORE``.
-
-    logits: (..., C); targets: (...). Returns two scalars (accuracy is detached). With no
-    labelled position both are NaN; the loop refuses such batches before they get here.
-    """
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (N, C)
-    flat_targets = targets.reshape(-1)                          # (N,)
-    loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE)
-    with torch.no_grad():
-        keep = flat_targets != IGNORE
-        hits = (flat_logits.argmax(-1) == flat_targets) & keep
-        acc = hits.sum() / keep.sum()
-    return loss, acc
-
-
-def log_z_squared(logits: Tensor, targets: Tensor) -> Tensor:
-    """Σ (log Z)² over the positions whose target is not ``IGNORE``, Z = Σ_c exp(logit_c).
-
-    The z-loss of PaLM (Chowdhery et al. 2022) is a small multiple of its mean: it keeps the
-    softmax's normaliser near 1 and stops the output logits from drifting (chapter 8)."""
-    flat = logits.reshape(-1, logits.shape[-1]).float()         # (N, C)
-    keep = (targets.reshape(-1) != IGNORE).to(flat.dtype)       # (N,); a mask, not an index,
-    return (torch.logsumexp(flat, dim=-1) ** 2 * keep).sum()    # so that vmap can batch it
-
-
-def objective(logits: Tensor, targets: Tensor, cfg: TrainConfig) -> tuple[Tensor, Tensor,
-                                                                          Tensor]:
-    """(what is minimised, cross-entropy, accuracy) of one batch: the cross-entropy plus
-    ``cfg.z_loss`` × the mean (log Z)². The History records the cross-entropy alone, so runs
-    with and without a z-loss are compared on the same loss."""
-    loss, acc = loss_and_accuracy(logits, targets)
-    if not cfg.z_loss:
-        return loss, loss, acc
-    count = (targets != IGNORE).sum().clamp(min=1)
-    return loss + cfg.z_loss * log_z_squared(logits, targets) / count, loss, acc
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -223,22 +187,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def resolve_amp(device: torch.device, amp: str) -> str:
-    """"auto" means bf16 on CUDA and float32 elsewhere; other modes are taken as given."""
-    if amp == "auto":
-        return "bf16" if device.type == "cuda" else "off"
-    return amp
-
-
-def autocast_context(device: torch.device, amp: str):
-    """The autocast context for ``amp`` on ``device``."""
-    amp = resolve_amp(device, amp)
-    if amp == "off":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _interactive() -> bool:
     """True in a terminal or a live notebook; False under tests and book builds."""
     if os.environ.get("DEPTHLAB_QUIET"):
@@ -285,9 +233,7 @@ class _Scaler:
     """
 
     def __init__(self, device: torch.device, amp: str) -> None:
-        self.scaler = None
-        if amp == "fp16":
-            self.scaler = torch.amp.GradScaler(device.type)
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
     @property
     def active(self) -> bool:
@@ -314,6 +260,116 @@ class _Scaler:
         return bool(self.scaler) and self.scaler.get_scale() < 1.0
 
 
+# --------------------------------------------------------------------------------------------
+# What one step does: for one model (_One) or for a group (_Group). Both return the metrics of
+# every member as (N,) tensors on the device; the loop around them is the same.
+# --------------------------------------------------------------------------------------------
+
+
+class _One:
+    """One model, possibly over several torchrun processes (DistributedDataParallel)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, rank: int,
+                 world: int) -> None:
+        self.model, self.cfg, self.device, self.rank, self.world = model, cfg, device, rank, world
+        model.to(device)
+        model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters to train")
+        self.forward = model
+        if world > 1:
+            # One run over every process (torchrun): DistributedDataParallel averages the
+            # gradients over the ranks during backward, so every rank takes the same step.
+            self.forward = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = make_optimizer(self.params, cfg)
+        self.scaler = _Scaler(device, resolve_amp(device, cfg.amp))
+        self.checks_grads = not self.scaler.active     # a scaler's overflow is no divergence
+
+    def models(self) -> list[nn.Module]:
+        return [self.model]
+
+    def forward_backward(self, step: int, lrs: list[float],
+                         batches: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:
+        set_lr(self.optimizer, lrs[0])
+        inputs, targets = batches[0]
+        if self.world > 1:                                 # this rank's share of the batch
+            inputs = shard(inputs, self.rank, self.world, step)
+            targets = shard(targets, self.rank, self.world, step)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        with autocast_context(self.device, self.cfg.amp):
+            logits = self.forward(inputs)
+        if self.world > 1:
+            minimised, loss, acc = whole_batch_objective(logits, targets, self.world,
+                                                         self.cfg.z_loss)
+        else:
+            minimised, loss, acc = objective(logits, targets, self.cfg.z_loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(minimised).backward()
+        self.scaler.unscale_(self.optimizer)
+        norm = clip_and_norm(self.params, self.cfg.clip_norm)
+        labelled = (targets != IGNORE).sum()
+        if self.world > 1:                                 # labelled somewhere in the batch
+            torch.distributed.all_reduce(labelled)
+        return tuple(t.detach().reshape(1) for t in (loss, acc, norm.to(loss.device), labelled))
+
+    def apply(self, alive: list[bool]) -> str | None:
+        """Take the step; "skipped" (float16 overflow) or "collapsed" (scale below 1)."""
+        if self.scaler.step(self.optimizer):
+            return "collapsed" if self.scaler.collapsed() else "skipped"
+        return None
+
+    def write_back(self, i: int, *, grads: bool) -> None:
+        pass                                               # the model is trained in place
+
+
+class _Group:
+    """N models of one structure, stacked (``grouped.Stack``), one optimiser for all."""
+
+    def __init__(self, models: Sequence[nn.Module], cfgs: Sequence[TrainConfig],
+                 device: torch.device) -> None:
+        self.members, self.cfgs, self.device = list(models), list(cfgs), device
+        self.stack = Stack(self.members, device)
+        c = cfgs[0]
+        vec = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype,  # noqa: E731
+                                                               device=device)
+        self.clip = vec([cf.clip_norm if cf.clip_norm is not None else math.inf for cf in cfgs])
+        self.z_loss = vec([cf.z_loss for cf in cfgs])
+        self.optimizer = StackedOptimizer(
+            self.stack.flat, self.stack.lr_scale, kind=c.optimizer, betas=c.betas, eps=c.eps,
+            momentum=c.momentum, weight_decay=vec([cf.weight_decay for cf in cfgs]),
+            independent=vec([cf.independent_decay for cf in cfgs], torch.bool),
+            peak_lr=vec([cf.lr for cf in cfgs]))
+        self.checks_grads = True
+        self._lrs = vec([0.0] * len(cfgs))
+
+    def models(self) -> list[nn.Module]:
+        return self.members
+
+    def forward_backward(self, step: int, lrs: list[float],
+                         batches: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:
+        self._lrs = torch.tensor(lrs, dtype=torch.float32, device=self.device)
+        try:
+            xs = torch.stack([x for x, _ in batches]).to(self.device)      # (N, B, ...)
+            ys = torch.stack([y for _, y in batches]).to(self.device)      # (N, B, ...)
+        except RuntimeError as exc:
+            raise DataError(f"the members' batches of step {step} differ in shape, so they "
+                            f"cannot be stacked into one group: {exc}") from None
+        loss, acc = self.stack.forward_backward(xs, ys, self.z_loss, self.cfgs[0].amp)
+        norm = self.stack.clip_and_norm(self.clip)
+        labelled = (ys != IGNORE).reshape(len(batches), -1).sum(1)
+        return loss, acc.detach(), norm.detach(), labelled
+
+    def apply(self, alive: list[bool]) -> str | None:
+        frozen = None if all(alive) else torch.tensor([not a for a in alive], device=self.device)
+        self.optimizer.step(self._lrs, frozen)
+        return None
+
+    def write_back(self, i: int, *, grads: bool) -> None:
+        self.stack.write_back(i, self.members[i], grads=grads)
+
+
 def train(model: nn.Module, data: DataSource, cfg: TrainConfig,
           callbacks: Iterable[Callback] = ()) -> History:
     """Train ``model`` in place on ``data`` for ``cfg.steps`` steps and return its ``History``.
@@ -324,193 +380,181 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig,
 
     Launched with ``torchrun --nproc-per-node N`` (see the README's "Running at scale"), the same
     call trains one model over N processes: the model is wrapped in DistributedDataParallel,
-    every rank draws the same batch and trains on its share (``shard``), the gradients are
-    averaged so that each step is the single-process step on the whole batch, every rank
-    returns the same History (whole-batch loss and accuracy) and only rank 0 draws a progress
-    bar. Build the model from the same seed on every rank. A BatchNorm then normalises with
-    each rank's own share (per-rank statistics, as ``nn.BatchNorm`` does under DDP), not the
-    whole batch's, and its running statistics are rank 0's (DDP broadcasts buffers).
+    every rank draws the same batch and trains on its share (``distributed.shard``), the
+    gradients are averaged so that each step is the single-process step on the whole batch,
+    every rank returns the same History (whole-batch loss and accuracy) and only rank 0 draws a
+    progress bar. Build the model from the same seed on every rank. A BatchNorm then normalises
+    with each rank's own share (per-rank statistics, as ``nn.BatchNorm`` does under DDP), not
+    the whole batch's, and its running statistics are rank 0's (DDP broadcasts buffers).
     """
-    from .parallel import data_parallel_world
-
     rank, world = data_parallel_world()
     device = pick_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())   # this rank's GPU
-    model.to(device)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters to train")
-    forward = model
-    if world > 1:
-        # One run over every process (torchrun): DistributedDataParallel averages the gradients
-        # over the ranks during backward, so every rank takes the same step.
-        from torch.nn.parallel import DistributedDataParallel
+    stepper = _One(model, cfg, device, rank, world)
+    return _loop(stepper, [data], [cfg], [list(callbacks)], device, show=rank == 0)[0]
 
-        forward = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    callbacks = list(callbacks)
-    optimizer = make_optimizer(params, cfg)
-    scaler = _Scaler(device, resolve_amp(device, cfg.amp))
-    hist = History(device=str(device))
-    every = sync_interval(cfg, device)
-    pending: list[tuple[int, float, Tensor, Tensor, Tensor, Tensor]] = []
 
-    show = (_interactive() if cfg.progress is None else cfg.progress) and rank == 0
+def group_obstacle(models: Sequence[nn.Module], cfgs: Sequence[TrainConfig],
+                   callbacks: Sequence[Sequence[Callback]] = ()) -> str | None:
+    """Why these runs cannot be trained as one group (a sentence), or None if they can."""
+    why = obstacle(models)
+    if why:
+        return why
+    if len(cfgs) != len(models):
+        return f"{len(models)} models but {len(cfgs)} TrainConfigs"
+    shared = ("optimizer", "betas", "eps", "momentum", "steps", "amp", "device", "sync_every")
+    for name in shared:
+        if len({getattr(c, name) for c in cfgs}) > 1:
+            return (f"the runs differ in TrainConfig.{name}, which a group shares (it may differ "
+                    "in lr, warm-up, schedule, clipping, weight decay and z-loss)")
+    device = pick_device(cfgs[0].device)
+    if resolve_amp(device, cfgs[0].amp) == "fp16":
+        return "float16 needs a loss scaler per run, which a group does not have"
+    for cbs in callbacks:
+        for cb in cbs:
+            if not getattr(cb, "groupable", False):
+                return (f"{type(cb).__name__} must see the training step itself "
+                        "(Callback.groupable is False), so its run is trained alone")
+    if data_parallel_world()[1] > 1:
+        return "under torchrun a group trains inside one process only (a sweep's point)"
+    return None
+
+
+def train_group(models: Sequence[nn.Module], datas: Sequence[DataSource],
+                cfgs: TrainConfig | Sequence[TrainConfig],
+                callbacks: Sequence[Sequence[Callback]] | None = None) -> list[History]:
+    """Train several models of one structure at once; History i is (to float32 round-off) what
+    ``train(models[i], datas[i], cfgs[i], callbacks[i])`` would return.
+
+    The members may differ in their initial values (seed, init scheme, gain), their data
+    (same batch shapes) and, in their TrainConfigs, in lr, warm-up, schedule, clipping, weight
+    decay, independent decay and z-loss; everything else is shared (``group_obstacle`` says
+    what is not allowed and why). Each model is trained in place and left on the device, as
+    ``train`` leaves it. A member that diverges stops where it was, alone. See ``grouped``.
+    """
+    models = list(models)
+    cfgs = list(cfgs) if isinstance(cfgs, Sequence) else [cfgs] * len(models)
+    if len(datas) != len(models):
+        raise GroupError(f"{len(models)} models but {len(datas)} data sources")
+    callbacks = [list(c) for c in callbacks] if callbacks is not None else [[] for _ in models]
+    why = group_obstacle(models, cfgs, callbacks)
+    if why:
+        raise GroupError(why)
+    device = pick_device(cfgs[0].device)
+    stepper = _Group(models, cfgs, device)
+    return _loop(stepper, list(datas), cfgs, callbacks, device, show=True)
+
+
+def _loop(stepper, datas: list[DataSource], cfgs: list[TrainConfig],
+          callbacks: list[list[Callback]], device: torch.device, *, show: bool) -> list[History]:
+    """The training loop of ``train`` and ``train_group``: N members, N = 1 for ``train``."""
+    n = len(cfgs)
+    models = stepper.models()
+    hists = [History(device=str(device)) for _ in range(n)]
+    alive = [True] * n
+    steps = cfgs[0].steps
+    every = sync_interval(cfgs[0], device)
+    pending: list = []
+    show = show and (_interactive() if cfgs[0].progress is None else cfgs[0].progress)
     bar = None
     if show:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, desc="train", leave=False)
+        bar = tqdm(total=steps, desc="train" if n == 1 else f"train {n} runs", leave=False)
 
-    started: list[Callback] = []
+    started: list[tuple[Callback, nn.Module]] = []
     try:
-        for cb in callbacks:
-            cb.on_train_start(model)
-            started.append(cb)
+        for i, cbs in enumerate(callbacks):
+            for cb in cbs:
+                cb.on_train_start(models[i])
+                started.append((cb, models[i]))
         with torch.random.fork_rng(devices=rng_devices(device)):   # dropout draws stay local
-            torch.manual_seed(cfg.seed + rank)                 # each rank's own dropout masks
-            for step in range(cfg.steps):
-                lr = lr_at(step, cfg)
-                set_lr(optimizer, lr)
-                inputs, targets = data.batch(step)
-                _check_batch(inputs, targets, step)
-                if world > 1:                                  # this rank's share of the batch
-                    inputs = shard(inputs, rank, world, step)
-                    targets = shard(targets, rank, world, step)
-                inputs, targets = inputs.to(device), targets.to(device)
-                for cb in callbacks:
-                    cb.before_step(step, model)
-
-                with autocast_context(device, cfg.amp):
-                    logits = forward(inputs)
-                if world > 1:
-                    minimised, loss, acc = _distributed_loss(logits, targets, world, cfg.z_loss)
-                else:
-                    minimised, loss, acc = objective(logits, targets, cfg)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(minimised).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = clip_and_norm(params, cfg.clip_norm)
-                labelled = (targets != IGNORE).sum()
-                if world > 1:                                  # labelled somewhere in the batch
-                    torch.distributed.all_reduce(labelled)
-                pending.append((step, lr, loss.detach(), acc, grad_norm.detach(), labelled))
-                if len(pending) >= every or step == cfg.steps - 1:
-                    if _flush(pending, hist, scaler, check_grads=not scaler.active):
-                        break                               # before the bad step is applied
-                if scaler.step(optimizer):
-                    hist.skipped.append(step)
-                    if scaler.collapsed():
-                        hist.status, hist.diverged_at = "diverged", step
-                        hist.message = (f"diverged at step {step}: the float16 loss scale "
-                                        "fell below 1, so the gradients overflow float16 "
-                                        "even unscaled")
+            torch.manual_seed(cfgs[0].seed + getattr(stepper, "rank", 0))  # each rank's masks
+            for step in range(steps):
+                lrs = [lr_at(step, c) for c in cfgs]
+                batches = [d.batch(step) for d in datas]
+                for x, y in batches:
+                    _check_batch(x, y, step)
+                for i, cbs in enumerate(callbacks):
+                    due = [cb for cb in cbs if _due(cb, step)]
+                    if due and alive[i]:
+                        stepper.write_back(i, grads=False)
+                        for cb in due:
+                            cb.before_step(step, models[i])
+                metrics = stepper.forward_backward(step, lrs, batches)
+                pending.append((step, lrs, metrics))
+                if len(pending) >= every or step == steps - 1:
+                    _flush(pending, hists, alive, check_grads=stepper.checks_grads)
+                    if not any(alive):
+                        break                           # before the bad step is applied
+                outcome = stepper.apply(alive)
+                if outcome is not None:                 # a float16 loss scaler's verdict
+                    hists[0].skipped.append(step)
+                    if outcome == "collapsed":
+                        hists[0].status, hists[0].diverged_at = "diverged", step
+                        hists[0].message = (f"diverged at step {step}: the float16 loss scale "
+                                            "fell below 1, so the gradients overflow float16 "
+                                            "even unscaled")
                         break
-
-                for cb in callbacks:
-                    extra = cb.after_step(step, model)
-                    if extra:
-                        hist.extras.setdefault(step, {}).update(extra)
+                for i, cbs in enumerate(callbacks):
+                    due = [cb for cb in cbs if _due(cb, step)]
+                    if due and alive[i]:
+                        stepper.write_back(i, grads=True)
+                        for cb in due:
+                            extra = cb.after_step(step, models[i])
+                            if extra:
+                                hists[i].extras.setdefault(step, {}).update(extra)
                 if bar is not None:
                     bar.update(1)
-                    if not pending and hist.loss:
-                        bar.set_postfix(loss=f"{hist.loss[-1]:.3f}",
-                                        acc=f"{hist.accuracy[-1]:.2f}")
-        if pending and hist.status == "ok":
-            _flush(pending, hist, scaler, check_grads=not scaler.active)
+                    if not pending and hists[0].loss:
+                        bar.set_postfix(loss=f"{hists[0].loss[-1]:.3f}",
+                                        acc=f"{hists[0].accuracy[-1]:.2f}")
+        if pending and any(alive) and hists[0].status != "diverged":
+            _flush(pending, hists, alive, check_grads=stepper.checks_grads)
     finally:
         if bar is not None:
             bar.close()
-        for cb in started:
+        for i in range(len(models)):
+            stepper.write_back(i, grads=True)
+        for cb, model in started:
             cb.on_train_end(model)
 
-    if hist.diverged_at is not None:           # steps after the divergence are not history
-        hist.extras = {k: v for k, v in hist.extras.items() if k < hist.diverged_at}
-    if hist.status == "ok":
-        _check_plateau(hist, cfg)
-    if not hist.message:
-        hist.message = (f"trained {hist.steps_run} steps: loss {hist.loss[0]:.3f} -> "
-                        f"{hist.final('loss'):.3f}, accuracy {hist.final('accuracy'):.3f}")
-    return hist
+    for hist, cfg in zip(hists, cfgs):
+        if hist.diverged_at is not None:       # steps after the divergence are not history
+            hist.extras = {k: v for k, v in hist.extras.items() if k < hist.diverged_at}
+        if hist.status == "ok":
+            _check_plateau(hist, cfg)
+        if not hist.message:
+            hist.message = (f"trained {hist.steps_run} steps: loss {hist.loss[0]:.3f} -> "
+                            f"{hist.final('loss'):.3f}, accuracy {hist.final('accuracy'):.3f}")
+    return hists
 
 
-def shard(batch: Tensor, rank: int, world: int, step: int = 0) -> Tensor:
-    """Rank ``rank``'s share of a batch split over ``world`` processes: consecutive rows,
-    as even as the batch size allows (``torch.tensor_split``)."""
-    part = torch.tensor_split(batch, world)[rank]
-    if part.shape[0] == 0:
-        raise DataError(f"the batch of step {step} has {batch.shape[0]} examples, fewer than "
-                        f"the {world} processes that share it: use a batch of at least {world}")
-    return part
-
-
-def _distributed_loss(logits: Tensor, targets: Tensor, world: int,
-                      z_loss: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """(what is minimised, loss, accuracy) of one rank's share, in a run over ``world``
-    processes (see ``objective``).
-
-    The loss and accuracy are those of the whole batch (summed over the ranks). What is
-    minimised is this rank's summed loss over the whole batch's labelled count, times
-    ``world``: DistributedDataParallel averages the ranks' gradients, so the step is exactly
-    the single-process step on the whole batch, even when the ranks hold different numbers of
-    labelled targets."""
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (N, C)
-    flat_targets = targets.reshape(-1)                          # (N,)
-    loss_sum = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE, reduction="sum")
-    with torch.no_grad():
-        keep = flat_targets != IGNORE
-        hits = ((flat_logits.argmax(-1) == flat_targets) & keep).sum()
-        totals = torch.stack([loss_sum.detach(), hits.float(), keep.sum().float()])
-        torch.distributed.all_reduce(totals)                   # the whole batch's sums
-    count = totals[2].clamp(min=1.0)
-    if z_loss:
-        loss_sum = loss_sum + z_loss * log_z_squared(logits, targets)
-    return loss_sum * world / count, totals[0] / count, totals[1] / count
-
-
-def _flush(pending: list, hist: History, scaler: _Scaler, *, check_grads: bool) -> bool:
-    """Read the pending metrics from the device (one synchronisation) into ``hist``.
-
-    Returns True if the run diverged: the history then ends before the first bad step."""
+def _flush(pending: list, hists: list[History], alive: list[bool], *, check_grads: bool) -> None:
+    """Read the pending metrics of every member from the device (one synchronisation) into the
+    histories. A member whose loss (or gradient) is not finite is marked dead: its history
+    ends before the first bad step."""
     steps = [p[0] for p in pending]
     lrs = [p[1] for p in pending]
-    values = torch.stack([torch.stack([p[2].float(), p[3].float(), p[4].float(),
-                                       p[5].float()]) for p in pending]).cpu().tolist()
+    values = torch.stack([torch.stack([t.float() for t in p[2]]) for p in pending])  # (K, 4, N)
+    values = values.cpu().tolist()
     pending.clear()
-    for step, lr, (loss, acc, norm, labelled) in zip(steps, lrs, values):
-        if labelled == 0:
-            raise DataError(f"every target of the batch of step {step} is IGNORE ({IGNORE}): "
-                            "there is nothing to compute a loss on")
-        if not math.isfinite(loss) or (check_grads and not math.isfinite(norm)):
-            hist.status, hist.diverged_at = "diverged", step
-            hist.message = f"diverged at step {step}: loss={loss:.3g}, gradient norm={norm:.3g}"
-            return True
-        hist.loss.append(loss)
-        hist.accuracy.append(acc)
-        hist.grad_norm.append(norm)
-        hist.lr.append(lr)
-    return False
-
-
-def train_and_evaluate(model: nn.Module, data: DataSource, cfg: TrainConfig,
-                       callbacks: Iterable[Callback] = (), *,
-                       held_out: tuple[Tensor, Tensor] | None = None,
-                       eval_size: int | None = None) -> tuple[History, float]:
-    """Train ``model``, then return its History and its held-out accuracy (eval mode).
-
-    The held-out data is ``held_out`` when given, else ``data.eval_batch(eval_size)`` (the test
-    split for ``Digits``, a stream no training step uses for ``SequenceTask``): a data source
-    without ``eval_batch`` needs ``held_out``. The one-liner behind every "train this
-    configuration for several seeds" loop of the chapters.
-    """
-    if held_out is None and not isinstance(data, HeldOutSource):
-        raise TypeError(f"{type(data).__name__} has no eval_batch(): pass the held-out data as "
-                        "held_out=(inputs, targets)")
-    hist = train(model, data, cfg, callbacks)
-    if held_out is None:
-        held_out = data.eval_batch() if eval_size is None else data.eval_batch(eval_size)
-    return hist, evaluate(model, *held_out)["accuracy"]
+    for step, step_lrs, (losses, accs, norms, labelled) in zip(steps, lrs, values):
+        for i, hist in enumerate(hists):
+            if not alive[i]:
+                continue
+            if labelled[i] == 0:
+                raise DataError(f"every target of the batch of step {step} is IGNORE "
+                                f"({IGNORE}): there is nothing to compute a loss on")
+            loss, norm = losses[i], norms[i]
+            if not math.isfinite(loss) or (check_grads and not math.isfinite(norm)):
+                alive[i] = False
+                hist.status, hist.diverged_at = "diverged", step
+                hist.message = f"diverged at step {step}: loss={loss:.3g}, gradient norm={norm:.3g}"
+                continue
+            hist.loss.append(loss)
+            hist.accuracy.append(accs[i])
+            hist.grad_norm.append(norm)
+            hist.lr.append(step_lrs[i])
 
 
 def _check_plateau(hist: History, cfg: TrainConfig) -> None:
@@ -523,6 +567,25 @@ def _check_plateau(hist: History, cfg: TrainConfig) -> None:
         hist.status = "plateau"
         hist.message = (f"stalled on a plateau: mean loss {start:.3f} over the first {w} steps, "
                         f"{end:.3f} over the last {w} (less than {cfg.plateau_tol:.0%} lower)")
+
+
+def train_and_evaluate(model: nn.Module, data: DataSource, cfg: TrainConfig,
+                       callbacks: Iterable[Callback] = (), *,
+                       held_out: tuple[Tensor, Tensor] | None = None,
+                       eval_size: int | None = None) -> tuple[History, float]:
+    """Train ``model``, then return its History and its held-out accuracy (eval mode).
+
+    The held-out data is ``held_out`` when given, else ``data.eval_batch(eval_size)`` (the test
+    split for ``Digits``, a stream no training step uses for ``SequenceTask``): a data source
+    without ``eval_batch`` needs ``held_out``.
+    """
+    if held_out is None and not isinstance(data, HeldOutSource):
+        raise TypeError(f"{type(data).__name__} has no eval_batch(): pass the held-out data as "
+                        "held_out=(inputs, targets)")
+    hist = train(model, data, cfg, callbacks)
+    if held_out is None:
+        held_out = data.eval_batch() if eval_size is None else data.eval_batch(eval_size)
+    return hist, evaluate(model, *held_out)["accuracy"]
 
 
 @torch.no_grad()
@@ -565,81 +628,3 @@ def evaluate(model: nn.Module, inputs: Tensor, targets: Tensor, *,
         raise ValueError("evaluate found no labelled target to score (all IGNORE, or, with "
                          "batch_stats=True, no mini-batch of at least 2 examples)")
     return {"loss": losses / counted, "accuracy": hits / counted}
-
-
-def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
-    """Every BatchNorm in ``model``: depthlab's ``BatchNorm`` and PyTorch's BatchNorm1d/2d/3d."""
-    from .models import BatchNorm
-
-    return [m for m in model.modules()
-            if isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm))]
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, inputs: Tensor, *,
-                          batch_size: int | None = None) -> nn.Module:
-    """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``inputs``.
-
-    The running mean and variance become the plain average over mini-batches of
-    ``batch_size`` (default: one batch of all inputs) of the batch statistics, instead of the
-    exponential moving average collected during training ("precise BN", Wu & Johnson 2021).
-    Weights are untouched; the copy is returned in eval mode. Used in chapter 3 to ask whether
-    a BatchNorm network's poor eval accuracy comes from stale running statistics.
-    """
-    fresh = copy.deepcopy(model)
-    norms = batchnorm_layers(fresh)
-    if not norms:
-        raise ValueError(f"{type(model).__name__} has no BatchNorm layer to recalibrate")
-    saved = [n.momentum for n in norms]
-    device = device_of(fresh)
-    fresh.train()
-    size = batch_size or len(inputs)
-    starts = [s for s in range(0, len(inputs), size) if len(inputs) - s >= 2]  # BN needs 2
-    for k, start in enumerate(starts):
-        for n in norms:      # momentum 1/(k+1): running value = mean of the first k+1 batches
-            n.momentum = 1.0 / (k + 1)
-        fresh(inputs[start:start + size].to(device))
-    for n, m in zip(norms, saved):
-        n.momentum = m
-    return fresh.eval()
-
-
-def best_lr(final_loss: dict[float, float]) -> float:
-    """The learning rate with the lowest final loss, between the grid's points (chapter 8).
-
-    ``final_loss`` maps learning rates to final losses. Through the grid's best rate and its
-    two neighbours goes a parabola in log(lr); its vertex is the estimate. At an edge of the
-    grid, or where the three points do not curve upward, the best grid rate itself: the
-    optimum is then not bracketed, and no estimate beyond the grid is made. A run that
-    diverged (NaN, inf) counts as the worst loss.
-    """
-    if not final_loss:
-        raise ValueError("best_lr needs the final loss of at least one learning rate")
-    lrs = sorted(final_loss)
-    loss = [final_loss[r] if math.isfinite(final_loss[r]) else math.inf for r in lrs]
-    i = min(range(len(lrs)), key=loss.__getitem__)
-    if i in (0, len(lrs) - 1) or not math.isfinite(loss[i - 1] + loss[i + 1]):
-        return float(lrs[i])
-    x = [math.log(r) for r in lrs[i - 1:i + 2]]
-    y = loss[i - 1:i + 2]
-    # the vertex of the parabola through three points (x0, y0), (x1, y1), (x2, y2)
-    num = (x[1] - x[0]) ** 2 * (y[1] - y[2]) - (x[1] - x[2]) ** 2 * (y[1] - y[0])
-    den = (x[1] - x[0]) * (y[1] - y[2]) - (x[1] - x[2]) * (y[1] - y[0])
-    if den == 0:
-        return float(lrs[i])
-    return float(math.exp(x[1] - 0.5 * num / den))
-
-
-def lr_sensitivity(final_loss: dict[float, float], init_loss: float) -> float:
-    """Learning-rate sensitivity (Wortsman et al. 2024; chapter 8): how much worse than the
-    best learning rate the others end, on average.
-
-    ``final_loss`` maps each learning rate of a sweep to the run's final loss; a run that
-    diverged (NaN, inf) or ended above the loss at initialisation counts as ``init_loss``.
-    Returns mean over the rates of min(loss, init_loss) − the best loss: 0 when every rate
-    does as well as the best, up to init_loss − best when all but one fail.
-    """
-    if not final_loss:
-        raise ValueError("lr_sensitivity needs the final loss of at least one learning rate")
-    capped = [min(v, init_loss) if math.isfinite(v) else init_loss for v in final_loss.values()]
-    return sum(capped) / len(capped) - min(capped)

@@ -1,8 +1,15 @@
 """Per-layer measurements of any ``nn.Module``: gradients, activations, rank collapse.
 
 Nothing here knows depthlab's models: every function works on PyTorch's own
-``nn.TransformerEncoder`` as well as on ours. "Layers" are found by ``find_layers`` (or passed
-in); hooks are installed by the ``record`` context manager and removed when it exits.
+``nn.TransformerEncoder`` (or a Hugging Face model) as well as on ours. "Layers" are found by
+``find_layers`` (or passed in); hooks are installed by the ``record`` context manager and
+removed when it exits.
+
+One convention for every measurement: ``f(model, batch, *, layers=None, ...)``. ``batch`` is
+``(inputs, targets)``; a measurement that needs no loss also takes the inputs alone, and one
+that averages over batches (``gradient_profile``) also takes a list of them. ``layers=None``
+means ``find_layers(model)``; ``layer_weights`` is the one place that says which parameters
+of a layer a per-layer number is about.
 
 Every inspection leaves the model exactly as it found it: parameters, buffers (BatchNorm's
 running statistics), ``.grad``, the train/eval mode of every submodule and the random state
@@ -24,7 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .training import device_of, loss_and_accuracy, rng_devices
+from .devices import device_of, rng_devices, to_model
+from .losses import log_partition, loss_and_accuracy
 
 SaturationRule = Callable[[Tensor], Tensor]
 
@@ -109,7 +117,7 @@ def untouched(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def probing(model: nn.Module, seed: int = 0, *, train: bool = True) -> Iterator[None]:
+def isolated(model: nn.Module, seed: int = 0, *, train: bool = True) -> Iterator[None]:
     """Measurement passes that leave no trace on a training run.
 
     Inside: training mode (BatchNorm uses batch statistics, as in training) or, with
@@ -124,14 +132,20 @@ def probing(model: nn.Module, seed: int = 0, *, train: bool = True) -> Iterator[
         yield
 
 
-def to_model(x: Tensor, model: nn.Module) -> Tensor:
-    """``x`` on the model's device, and in its floating-point dtype if ``x`` is floating point
-    (so that a model converted with ``.double()`` is measured in float64 throughout)."""
-    device = device_of(model)
-    if x.is_floating_point():
-        dtype = next((p.dtype for p in model.parameters()), x.dtype)
-        return x.to(device=device, dtype=dtype)
-    return x.to(device)
+def inputs_of(batch) -> Tensor:
+    """The inputs of a batch: ``batch[0]`` of an ``(inputs, targets)`` pair, or the batch
+    itself when it is a tensor of inputs."""
+    return batch if isinstance(batch, Tensor) else batch[0]
+
+
+def _one_or_many(batch) -> list[tuple[Tensor, Tensor]]:
+    """``batch`` as a list of (inputs, targets) pairs: one pair, or a list of them."""
+    if isinstance(batch, tuple) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch):
+        return [batch]
+    batches = list(batch)
+    if not batches:
+        raise ValueError("a measurement needs at least one (inputs, targets) batch")
+    return batches
 
 
 def run_once(model: nn.Module, inputs: Tensor, handles: list) -> None:
@@ -145,17 +159,18 @@ def run_once(model: nn.Module, inputs: Tensor, handles: list) -> None:
             h.remove()
 
 
-def backward(model: nn.Module, inputs: Tensor, targets: Tensor, *,
+def backward(model: nn.Module, batch: tuple[Tensor, Tensor], *,
              dtype: torch.dtype | None = None, loss_scale: float = 1.0) -> None:
     """Clear the gradients, then one forward (under autocast in ``dtype`` if given) and
     backward pass of ``loss_scale`` times depthlab's loss: the model's .grad is filled.
     Callers run it inside ``untouched``."""
+    inputs, targets = batch
     device = device_of(model)
     model.zero_grad(set_to_none=True)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
                 else contextlib.nullcontext())
     with autocast:
-        logits = model(to_model(inputs, model))
+        logits = model(to_model(model, inputs))
     loss, _ = loss_and_accuracy(logits.float(), targets.to(device))
     (loss * loss_scale).backward()
 
@@ -315,38 +330,52 @@ class LayerProfile:
                 f"(×{self.per_layer_factor():.3g} per layer): {verdict}")
 
 
-def layer_grad_norms(layers: Sequence[nn.Module], weight: str | None = None) -> list[float]:
-    """‖∂loss/∂θ_l‖ over all parameters of each layer (float64), from the current ``.grad``.
+def layer_weights(layer: nn.Module, weight: str | None = None) -> list[Tensor]:
+    """The parameters of one layer that a per-layer measurement is about.
 
-    The one place depthlab turns gradients into per-layer norms. With ``weight`` (a parameter
-    name inside each layer, e.g. ``"mlp.fc2.weight"``), only that parameter: Xiong et al.
-    (2020) track the second MLP matrix of each block (chapter 5). NaN for a layer without
-    gradients.
+    ``None``: the weight matrices (every parameter with two or more axes), what an
+    update-to-weight ratio or a weight norm means; biases and norm gains are left out.
+    ``"all"``: every parameter. A parameter's name inside the layer (``"mlp.fc2.weight"``):
+    that parameter alone (Xiong et al. track the second MLP matrix of each block).
     """
+    if weight == "all":
+        return list(layer.parameters())
+    if weight is not None:
+        named = dict(layer.named_parameters())
+        if weight not in named:
+            raise ValueError(f"{type(layer).__name__} has no parameter {weight!r}; it has "
+                             f"{sorted(named)}")
+        return [named[weight]]
+    return [p for p in layer.parameters() if p.dim() >= 2]
+
+
+def layer_grad_norms(layers: Sequence[nn.Module], weight: str | None = "all") -> list[float]:
+    """‖∂loss/∂θ_l‖ over the parameters ``layer_weights(layer, weight)`` selects (default: all
+    of them), in float64, from the current ``.grad``. NaN for a layer without gradients."""
     out = []
     for layer in layers:
-        params = ([dict(layer.named_parameters())[weight]] if weight is not None
-                  else list(layer.parameters()))
-        sq = [p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None]
+        sq = [p.grad.detach().double().pow(2).sum() for p in layer_weights(layer, weight)
+              if p.grad is not None]
         out.append(math.sqrt(float(torch.stack(sq).sum())) if sq else math.nan)
     return out
 
 
-def gradient_profile(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], *,
+def gradient_profile(model: nn.Module, batch, *,
                      layers: Sequence[nn.Module] | None = None,
                      loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
                      saturation: str | SaturationRule | None = None,
-                     keep_samples: bool = False, weight: str | None = None) -> LayerProfile:
-    """Forward and backward passes on ``batches``; per-layer averages of what ``record`` sees.
+                     keep_samples: bool = False, weight: str | None = "all") -> LayerProfile:
+    """Forward and backward passes on ``batch`` (one (inputs, targets) pair, or a list of
+    them to average over); per-layer averages of what ``record`` sees (chapter 1).
 
     ``loss_fn(output, targets)`` defaults to depthlab's cross-entropy (ignoring ``IGNORE``).
-    ``weight`` restricts ``weight_grad_norm`` to one named parameter of each layer. Runs in the
-    model's current mode and leaves the model untouched (``.grad`` and BatchNorm statistics
-    included). Returns a ``LayerProfile``; with ``keep_samples`` it also has ``.recorder``.
+    ``weight`` says which parameters ``weight_grad_norm`` is about (``layer_weights``;
+    default all of each layer's). Runs in the model's current mode and leaves the model
+    untouched (``.grad`` and BatchNorm statistics included). Returns a ``LayerProfile``; with
+    ``keep_samples`` it also has ``.recorder``.
     """
     model = unwrap(model)
-    if not batches:
-        raise ValueError("gradient_profile needs at least one (inputs, targets) batch")
+    batches = _one_or_many(batch)
     layers = list(layers) if layers is not None else find_layers(model)
     loss_fn = loss_fn or (lambda out, y: loss_and_accuracy(out, y)[0])
     wsum = np.zeros(len(layers))
@@ -354,7 +383,7 @@ def gradient_profile(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
                                   keep_samples=keep_samples) as rec:
         for x, y in batches:
             model.zero_grad(set_to_none=True)
-            loss = loss_fn(model(to_model(x, model)), to_model(y, model))
+            loss = loss_fn(model(to_model(model, x)), to_model(model, y))
             loss.backward()
             wsum += np.array(layer_grad_norms(layers, weight))
     profile = rec.profile(wsum / len(batches))
@@ -363,7 +392,7 @@ def gradient_profile(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
     return profile
 
 
-def layer_outputs(model: nn.Module, inputs: Tensor,
+def layer_outputs(model: nn.Module, batch, *,
                   layers: Sequence[nn.Module] | None = None) -> list[Tensor]:
     """The output of each layer for one batch (detached, on the CPU), the model untouched.
 
@@ -378,7 +407,7 @@ def layer_outputs(model: nn.Module, inputs: Tensor,
             outs[i] = out.detach().cpu()
         return hook
 
-    run_once(model, to_model(inputs, model),
+    run_once(model, to_model(model, inputs_of(batch)),
              [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)])
     return outs  # type: ignore[return-value]
 
@@ -400,7 +429,7 @@ def input_independent_share(h: Tensor) -> float:
     return float(flat.mean(0).pow(2).mean() / flat.pow(2).mean())
 
 
-def weight_gradient_products(model: nn.Module, batch: tuple[Tensor, Tensor],
+def weight_gradient_products(model: nn.Module, batch: tuple[Tensor, Tensor], *,
                              layers: Sequence[nn.Module] | None = None) -> np.ndarray:
     """(L,) ⟨∂L/∂θ_l, θ_l⟩ over each layer's parameters, in float64, the model untouched.
 
@@ -410,7 +439,7 @@ def weight_gradient_products(model: nn.Module, batch: tuple[Tensor, Tensor],
     model = unwrap(model)
     layers = list(layers) if layers is not None else find_layers(model)
     with untouched(model):
-        backward(model, *batch)
+        backward(model, batch)
         return np.array([float(sum((p.grad.double() * p.detach().double()).sum()
                                    for p in layer.parameters() if p.grad is not None))
                          for layer in layers])
@@ -429,7 +458,7 @@ def gradient_norms_by_layer(model: nn.Module, batch: tuple[Tensor, Tensor], *,
     model = unwrap(model)
     layers = list(layers) if layers is not None else find_layers(model)
     with untouched(model):
-        backward(model, *batch)
+        backward(model, batch)
         params = [p for p in model.parameters() if p.grad is not None]
         if clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, clip_norm)
@@ -444,12 +473,12 @@ def parameter_gradients(model: nn.Module, batch: tuple[Tensor, Tensor]) -> list[
     """The gradient of every parameter for one batch (copies; the model is left untouched)."""
     model = unwrap(model)
     with untouched(model):
-        backward(model, *batch)
+        backward(model, batch)
         return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
                 for p in model.parameters()]
 
 
-def activation_saturation(model: nn.Module, inputs: Tensor,
+def activation_saturation(model: nn.Module, batch, *,
                           layers: Sequence[nn.Module] | None = None) -> np.ndarray:
     """(L,) fraction of saturated or dead units among each layer's activation modules.
 
@@ -480,11 +509,11 @@ def activation_saturation(model: nn.Module, inputs: Tensor,
         for m in layer.modules():
             if isinstance(m, (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid)):
                 handles.append(watch(i, m))
-    run_once(model, inputs.to(device_of(model)), handles)
+    run_once(model, to_model(model, inputs_of(batch)), handles)
     return np.array([float(np.mean(f)) if f else math.nan for f in fractions])
 
 
-def activation_memory(model: nn.Module, inputs: Tensor, targets: Tensor) -> int:
+def activation_memory(model: nn.Module, batch: tuple[Tensor, Tensor]) -> int:
     """Bytes of activations the autograd graph keeps for the backward pass of one batch.
 
     Counted exactly with saved-tensor hooks: every tensor saved for backward, each storage
@@ -503,15 +532,15 @@ def activation_memory(model: nn.Module, inputs: Tensor, targets: Tensor) -> int:
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
-    device = device_of(model)
+    inputs, targets = batch
     with untouched(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = loss_and_accuracy(model(inputs.to(device)), targets.to(device))
+        loss, _ = loss_and_accuracy(model(to_model(model, inputs)), to_model(model, targets))
         del loss                                              # free the graph
     return sum(kept.values())
 
 
 @torch.no_grad()
-def output_change(model: nn.Module, inputs: Tensor, changed: Tensor, at=0, *,
+def output_change(model: nn.Module, batch, changed: Tensor, *, at=0,
                   train_mode: bool = True) -> float:
     """Largest |Δ| in ``model(inputs)[at]`` when the inputs become ``changed``.
 
@@ -526,11 +555,12 @@ def output_change(model: nn.Module, inputs: Tensor, changed: Tensor, at=0, *,
     model = unwrap(model)
     with untouched(model):
         model.train(train_mode)
+        inputs = inputs_of(batch)
         return (model(inputs)[at] - model(changed)[at]).abs().max().item()
 
 
 @torch.no_grad()
-def output_change_under_update(model: nn.Module, inputs: Tensor, step: float, *,
+def output_change_under_update(model: nn.Module, batch, step: float, *,
                                seed: int = 0) -> float:
     """RMS change of the model's output when every parameter moves by ±``step`` (random signs):
     the size of one Adam update of learning rate ``step``, in a random direction.
@@ -542,7 +572,7 @@ def output_change_under_update(model: nn.Module, inputs: Tensor, step: float, *,
     g = torch.Generator().manual_seed(seed)
     with untouched(model):
         model.eval()
-        x = to_model(inputs, model)
+        x = to_model(model, inputs_of(batch))
         before = model(x).double()
         saved = [p.detach().clone() for p in model.parameters()]
         for p in model.parameters():
@@ -555,7 +585,7 @@ def output_change_under_update(model: nn.Module, inputs: Tensor, step: float, *,
 
 
 @contextlib.contextmanager
-def ablate(model: nn.Module, index: int, layers: Sequence[nn.Module] | None = None):
+def ablate(model: nn.Module, index: int, *, layers: Sequence[nn.Module] | None = None):
     """Delete layer ``index`` (replace it with the identity) inside a ``with`` block.
 
     For a residual layer this leaves only its skip connection; for a plain layer it passes its
@@ -570,3 +600,40 @@ def ablate(model: nn.Module, index: int, layers: Sequence[nn.Module] | None = No
         yield model
     finally:
         container[index] = original
+
+
+def attention_logit_stats(model: nn.Module, batch) -> tuple[np.ndarray, np.ndarray]:
+    """Per attention module of ``model``, in order: the largest |attention logit| and the mean
+    entropy (nats) of the attention rows, on one batch; the model untouched.
+
+    An attention module is any submodule with ``attention_logits(x)`` (depthlab's
+    ``SelfAttention``; chapter 8). The logits are QKᵀ/√Dh over the positions a token may see;
+    the entropy is that of softmax(logits) per row, ln(i + 1) at most for row i of a causal
+    model and 0 for attention on a single position.
+    """
+    modules = [m for m in model.modules() if callable(getattr(m, "attention_logits", None))]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention module with "
+                         "attention_logits(x) to measure")
+    biggest, entropy = [], []
+
+    def measure(module, args):
+        logits = module.attention_logits(args[0]).detach().double()   # (B, H, T, T)
+        seen = torch.isfinite(logits)
+        biggest.append(float(logits.masked_fill(~seen, 0.0).abs().max()))
+        p = logits.softmax(-1)
+        plogp = torch.where(p > 0, p * p.log(), torch.zeros_like(p))
+        entropy.append(float(-plogp.sum(-1).mean()))
+
+    handles = [m.register_forward_pre_hook(measure) for m in modules]
+    with isolated(model):
+        run_once(model, to_model(model, inputs_of(batch)), handles)
+    return np.array(biggest), np.array(entropy)
+
+
+def output_log_partition(model: nn.Module, batch) -> Tensor:
+    """log Z of the model's output logits at every position of the batch's inputs: (B, T) in
+    float64, the model untouched (``losses.log_partition``; chapter 8)."""
+    with isolated(model), torch.no_grad():
+        logits = model(to_model(model, inputs_of(batch)))
+    return log_partition(logits.detach().double())

@@ -78,7 +78,7 @@ def test_per_layer_factor_is_the_geometric_mean():
 
 
 def test_ablate_removes_a_layer_and_puts_it_back():
-    from depthlab.hooks import ablate
+    from depthlab.measure import ablate
 
     model = dl.DeepMLP(dl.MLPConfig(depth=4, residual=True))
     x = torch.randn(3, 64)
@@ -91,7 +91,7 @@ def test_ablate_removes_a_layer_and_puts_it_back():
 
 
 def test_output_change_sees_batchnorm_mixing_sequences_and_not_layernorm():
-    from depthlab.hooks import output_change
+    from depthlab.measure import output_change
 
     torch.manual_seed(0)
     x = torch.randint(1, 16, (6, 10))
@@ -109,7 +109,7 @@ def test_output_change_sees_batchnorm_mixing_sequences_and_not_layernorm():
 
 
 def test_activation_saturation_counts_dead_relus_and_saturated_sigmoids():
-    from depthlab.hooks import activation_saturation
+    from depthlab.measure import activation_saturation
 
     x = dl.Digits(batch_size=64).batch(0)[0]
     sig = dl.DeepMLP(dl.MLPConfig(depth=3, activation="sigmoid", init="normal"))
@@ -121,7 +121,7 @@ def test_activation_saturation_counts_dead_relus_and_saturated_sigmoids():
 
 
 def test_describe_names_overflow_underflow_and_dead_ends():
-    from depthlab.hooks import LayerProfile
+    from depthlab.measure import LayerProfile
 
     def profile(grads):
         g = np.array(grads, dtype=float)
@@ -135,7 +135,7 @@ def test_describe_names_overflow_underflow_and_dead_ends():
 
 
 def test_output_change_under_update_matches_a_linear_layer_and_restores_it():
-    from depthlab.hooks import output_change_under_update
+    from depthlab.measure import output_change_under_update
 
     layer = nn.Linear(64, 32, bias=False)
     before = layer.weight.detach().clone()

@@ -14,7 +14,7 @@ def _broken_transformer(depth=8, **changes):
 
 
 def test_diagnose_names_vanishing_and_rank_collapse_and_clears_a_healthy_model():
-    from depthlab.remedies import diagnose
+    from depthlab.doctor import diagnose
 
     batch = dl.SequenceTask("sort", n=6, batch_size=16).batch(0)
     broken = _broken_transformer()
@@ -31,7 +31,7 @@ def test_diagnose_names_vanishing_and_rank_collapse_and_clears_a_healthy_model()
 
 
 def test_diagnose_works_on_a_foreign_encoder():
-    from depthlab.remedies import diagnose
+    from depthlab.doctor import diagnose
 
     torch.manual_seed(0)
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
@@ -46,7 +46,7 @@ def test_diagnose_works_on_a_foreign_encoder():
 
 
 def test_checkpointing_keeps_gradients_and_cuts_activation_memory():
-    from depthlab.hooks import activation_memory
+    from depthlab.measure import activation_memory
     from depthlab.models import gradient_checkpointing
 
     model = _broken_transformer(depth=6, norm_placement="pre", norm_kind="layer",
@@ -61,11 +61,11 @@ def test_checkpointing_keeps_gradients_and_cuts_activation_memory():
         return [p.grad.clone() for p in model.parameters()]
 
     plain = grads()
-    full = activation_memory(model, x, y)
+    full = activation_memory(model, (x, y))
     with gradient_checkpointing(model):
         assert model.encoder.checkpoint
         checked = grads()
-        small = activation_memory(model, x, y)
+        small = activation_memory(model, (x, y))
     assert not model.encoder.checkpoint
     assert max((a - b).abs().max().item() for a, b in zip(plain, checked)) < 1e-6
     assert small < full / 3
@@ -75,13 +75,13 @@ def test_checkpointing_keeps_gradients_and_cuts_activation_memory():
 
 
 def test_float16_gradients_underflow_where_bfloat16_do_not():
-    from depthlab.remedies import gradient_precision
+    from depthlab.precision import gradient_precision
 
     model = _broken_transformer(depth=8)
     x, y = dl.SequenceTask("sort", n=6, batch_size=16).batch(0)
-    bf16 = gradient_precision(model, x, y, torch.bfloat16)
-    fp16 = gradient_precision(model, x, y, torch.float16)
-    scaled = gradient_precision(model, x, y, torch.float16, loss_scale=2.0 ** 16)
+    bf16 = gradient_precision(model, (x, y), torch.bfloat16)
+    fp16 = gradient_precision(model, (x, y), torch.float16)
+    scaled = gradient_precision(model, (x, y), torch.float16, loss_scale=2.0 ** 16)
     assert bf16.underflow.max() < 0.01
     assert fp16.underflow[0] > 0.9 and fp16.ratio == 0.0       # the first layer flushed to 0
     assert scaled.underflow[0] < fp16.underflow[0]
@@ -89,7 +89,7 @@ def test_float16_gradients_underflow_where_bfloat16_do_not():
 
 
 def test_diagnose_measures_adam_updates_against_lr_over_weight_rms():
-    from depthlab.remedies import diagnose
+    from depthlab.doctor import diagnose
 
     batch = dl.SequenceTask("sort", n=6, batch_size=16).batch(0)
     healthy = _broken_transformer(norm_placement="pre", norm_kind="layer", residual=True)
@@ -110,7 +110,7 @@ def test_diagnose_measures_adam_updates_against_lr_over_weight_rms():
 
 
 def test_lost_updates_follow_the_significand_of_each_dtype():
-    from depthlab.remedies import lost_updates
+    from depthlab.precision import lost_updates
 
     w = torch.rand(10_000, generator=torch.Generator().manual_seed(0)) + 0.5   # in [0.5, 1.5)
     for rel, lost_bf16, lost_fp32 in ((1e-1, 0.0, 0.0), (1e-4, 1.0, 0.0), (1e-9, 1.0, 1.0)):

@@ -1,9 +1,8 @@
-"""Remedies under the microscope (chapter 6): gradients in reduced precision, and a one-call
-diagnosis of a model that does not train.
+"""A model that does not train, examined before any remedy is tried (chapter 6).
 
-``diagnose`` measures before any remedy is tried: where the gradient vanishes, which layers do
-not move, which units are dead, whether the tokens have collapsed. Works on any ``nn.Module``
-whose layers ``hooks.find_layers`` can see; the model is left untouched.
+``diagnose`` measures where the gradient vanishes, which layers do not move, which units are
+dead and whether the tokens have collapsed, and says in words what it found. Works on any
+``nn.Module`` whose layers ``measure.find_layers`` can see; the model is left untouched.
 """
 
 from __future__ import annotations
@@ -14,90 +13,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from .callbacks import UpdateRatio
-from .hooks import (
+from .config import TrainConfig
+from .measure import (
     LayerProfile,
     activation_saturation,
-    backward,
     find_layers,
     gradient_profile,
-    layer_grad_norms,
-    untouched,
+    layer_weights,
     unwrap,
 )
-
-
-@dataclass
-class PrecisionReport:
-    """Per-layer gradients computed in reduced precision, against float32 (chapter 6)."""
-
-    dtype: str
-    loss_scale: float
-    underflow: np.ndarray         # (L,) fraction of nonzero float32 gradient entries that are 0
-    weight_grad_norm: np.ndarray  # (L,) gradient norm of each layer's parameters (unscaled)
-
-    @property
-    def ratio(self) -> float:
-        """First-layer / last-layer weight-gradient norm (0 when the first layer underflowed)."""
-        return float(self.weight_grad_norm[0] / self.weight_grad_norm[-1])
-
-
-def _layer_grads(model: nn.Module, layers: Sequence[nn.Module], inputs: Tensor,
-                 targets: Tensor, dtype: torch.dtype | None,
-                 loss_scale: float) -> tuple[list[Tensor], list[float]]:
-    """Each layer's flattened gradient (float64, unscaled) and its norm, model untouched."""
-    with untouched(model):
-        backward(model, inputs, targets, dtype=dtype, loss_scale=loss_scale)
-        grads = [torch.cat([p.grad.detach().reshape(-1).double() / loss_scale
-                            for p in layer.parameters() if p.grad is not None])
-                 for layer in layers]
-        norms = [n / loss_scale for n in layer_grad_norms(layers)]
-    return grads, norms
-
-
-def gradient_precision(model: nn.Module, inputs: Tensor, targets: Tensor, dtype: torch.dtype,
-                       *, loss_scale: float = 1.0,
-                       layers: Sequence[nn.Module] | None = None) -> PrecisionReport:
-    """Compute the gradients under autocast in ``dtype`` and compare with float32.
-
-    float16 has 5 exponent bits: values below about 6e-8 flush to zero, so tiny (vanishing)
-    gradients become exactly 0. ``loss_scale`` multiplies the loss before backward and divides
-    the gradients after, as a GradScaler does, lifting small gradients into range. bfloat16
-    keeps float32's exponent range and so its small gradients.
-    """
-    model = unwrap(model)
-    layers = list(layers) if layers is not None else find_layers(model)
-    reference, _ = _layer_grads(model, layers, inputs, targets, None, 1.0)
-    reduced, norms = _layer_grads(model, layers, inputs, targets, dtype, loss_scale)
-    underflow = []
-    for ref, red in zip(reference, reduced):
-        nonzero = ref != 0
-        lost = (red == 0) & nonzero
-        underflow.append(float(lost.sum()) / max(1, int(nonzero.sum())))
-    return PrecisionReport(str(dtype).replace("torch.", ""), loss_scale, np.array(underflow),
-                           np.array(norms))
-
-
-def lost_updates(weights: Tensor, update: Tensor, dtype: torch.dtype) -> float:
-    """Fraction of the nonzero entries of ``update`` that leave ``weights`` unchanged when the
-    two are added in ``dtype``: the update is below half a unit in the last place of the
-    weight and rounds away.
-
-    Where the weights themselves are stored in bfloat16 (8 significant bits) every update
-    smaller than about 2^-9 ≈ 0.2 % of the weight is lost; in float32 (24 bits) below about
-    6e-8 of it. That is why mixed-precision training keeps a float32 copy of the weights
-    (Micikevicius et al. 2018) and why no precision rescues a gradient 13 decades below the
-    weights (chapter 6).
-    """
-    moved = update.detach() != 0               # before the cast: an update that underflows to
-    if not moved.any():                        # zero in ``dtype`` is lost too
-        raise ValueError("lost_updates: the update has no nonzero entry")
-    w = weights.detach().to(dtype)
-    unchanged = (w + update.detach().to(dtype)) == w
-    return float((unchanged & moved).sum()) / float(moved.sum())
+from .training import train
 
 
 @dataclass
@@ -142,14 +70,11 @@ def diagnose(model: nn.Module, batch: tuple[Tensor, Tensor], train_cfg=None, *,
     rule of thumb "near 10^-3" (Karpathy) is an SGD rule, and the findings compare layers with
     each other instead. A step that changes a layer by more than 10 % is flagged for both.
     """
-    from .config import TrainConfig
-    from .training import train
-
     model = unwrap(model)
     cfg = (train_cfg or TrainConfig(lr=1e-3)).replace(steps=1, progress=False)
     layers = list(layers) if layers is not None else find_layers(model)
-    profile = gradient_profile(model, [batch], layers=layers)
-    saturation = activation_saturation(model, batch[0], layers)
+    profile = gradient_profile(model, batch, layers=layers)
+    saturation = activation_saturation(model, batch, layers=layers)
 
     names = {id(m): n for n, m in model.named_modules()}
     clone = copy.deepcopy(model)
@@ -163,7 +88,7 @@ def diagnose(model: nn.Module, batch: tuple[Tensor, Tensor], train_cfg=None, *,
     expected = np.full(len(layers), math.nan)
     if cfg.optimizer in ("adam", "adamw"):
         for i, layer in enumerate(layers):
-            ws = [p.detach().double() for p in layer.parameters() if p.dim() >= 2]
+            ws = [p.detach().double() for p in layer_weights(layer)]
             n = sum(w.numel() for w in ws)
             if n:
                 rms = math.sqrt(sum(float(w.pow(2).sum()) for w in ws) / n)

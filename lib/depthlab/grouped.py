@@ -1,0 +1,224 @@
+"""Several runs of one architecture trained as one: stacked parameters, one optimiser step.
+
+The book trains many tiny models that differ only in a seed or a learning rate. One by one,
+each step of each model pays PyTorch's fixed cost per operation, which dominates at widths of
+16-32 on a CPU and on any GPU. A *group* puts the N members' parameters side by side in one
+(N, P) matrix and runs every member's forward and backward pass at once
+(``torch.func.vmap`` over ``torch.func.functional_call``): the same arithmetic in N-times
+larger operations. The optimiser then updates the one matrix, each member with its own
+learning rate, weight decay and clipping threshold; Adam and SGD act entry by entry, so that
+is exactly N independent optimisers.
+
+This module is the mechanism only: ``training.train_group`` runs a group through the one
+training loop (the same warm-up, schedule, clipping, divergence and plateau rules as
+``dl.train``), and ``sweeps.train_grid`` decides what to group. Members must share their
+structure (``structure``) and draw no random numbers in the forward pass; they may differ in
+anything that only sets initial values (seed, init scheme, gain) and in every number the
+loop reads per member (learning rate, warm-up, schedule, clipping, weight decay, z-loss).
+Measured gains are in ``benchmarks/speed.py``: large at widths 16-32 on a CPU, small at 64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from .devices import autocast_context
+from .losses import objective
+
+
+class GroupError(ValueError):
+    """Runs that cannot be trained as one group; the message says why."""
+
+
+def structure(model: nn.Module):
+    """What two models must have in common to be trained as one group, or None if depthlab
+    cannot vouch for what the model computes.
+
+    Parameter shapes are not enough: a Pre-LN and a Post-LN block have the same shapes and
+    compute different functions, and a group runs every member through the first member's
+    code. depthlab's models say what fixes their function (``structure_key``: the class and
+    the configuration without the fields that only choose initial values); a model without
+    one is never grouped.
+    """
+    key = getattr(model, "structure_key", None)
+    return key() if callable(key) else None
+
+
+def draws_random_numbers(model: nn.Module) -> str | None:
+    """The name of a module that draws random numbers in the forward pass (dropout, noisy
+    BatchNorm), or None. vmap would draw one noise sample for every member, not N."""
+    for m in model.modules():
+        p = getattr(m, "p", None) if isinstance(m, nn.Dropout) else None
+        if (p or 0) > 0 or (getattr(m, "dropout", 0) or 0) > 0 or (getattr(m, "noise", 0) or 0) > 0:
+            return type(m).__name__
+    return None
+
+
+def obstacle(models: Sequence[nn.Module]) -> str | None:
+    """Why these models cannot be one group (a sentence), or None if they can."""
+    if len(models) < 2:
+        return "a group needs at least two models"
+    keys = [structure(m) for m in models]
+    if keys[0] is None:
+        return (f"{type(models[0]).__name__} does not say what fixes its function "
+                "(structure_key): only depthlab's models are grouped")
+    if any(k != keys[0] for k in keys):
+        return "the models differ in more than their initial values (their configurations)"
+    drawn = draws_random_numbers(models[0])
+    if drawn:
+        return f"{drawn} draws random numbers in the forward pass, which vmap cannot draw per run"
+    return None
+
+
+class Stack:
+    """N models of one structure as one: every trainable parameter in one (N, P) matrix.
+
+    ``flat`` is the only leaf that training updates; ``forward_backward`` slices it into each
+    parameter's (N, ...) view inside the step, so that autograd gathers every gradient into
+    ``flat.grad``. Buffers (BatchNorm's running statistics) are stacked separately. The member
+    modules keep their own tensors, written back by ``write_back``.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], device: torch.device) -> None:
+        why = obstacle(models)
+        if why:
+            raise GroupError(why)
+        self.n = len(models)
+        self.device = device
+        for m in models:
+            m.to(device).train()
+        self.skeleton = models[0]
+        named = list(models[0].named_parameters())
+        trainable = [(name, p) for name, p in named if p.requires_grad]
+        if not trainable:
+            raise GroupError(f"{type(models[0]).__name__} has no trainable parameters")
+        params, self.buffers = stack_module_state(list(models))
+        # Every trainable parameter as a slice of one (N, P) matrix: name -> (start, stop, shape)
+        self.layout: dict[str, tuple[int, int, torch.Size]] = {}
+        start = 0
+        for name, p in trainable:
+            self.layout[name] = (start, start + p.numel(), p.shape)
+            start += p.numel()
+        self.flat = torch.cat([params[name].reshape(self.n, -1) for name, _ in trainable], 1)
+        self.flat = self.flat.detach().requires_grad_(True)                  # (N, P)
+        self.frozen = {name: params[name].detach() for name, p in named if not p.requires_grad}
+        # μP and similar marks: each parameter's learning-rate multiplier, per entry of P
+        self.lr_scale = torch.cat([torch.full((p.numel(),), float(getattr(p, "lr_scale", 1.0)))
+                                   for _, p in trainable]).to(device)        # (P,)
+        skeleton = self.skeleton
+        # vmap batches every operation of the forward pass; PyTorch's fused attention kernel
+        # has no batching rule on the CPU (it falls back to a loop), the written-out one does
+        sdpa = [(m, m.sdpa) for m in skeleton.modules() if hasattr(m, "sdpa")]
+
+        def member(params, buffers, x, y, z_loss):
+            return objective(functional_call(skeleton, (params, buffers), (x,)), y, z_loss)
+
+        self._member = vmap(member)
+        self._sdpa = sdpa
+
+    def parameters_as_dict(self) -> dict[str, Tensor]:
+        """Each parameter as an (N, ...) view of ``flat`` (and the frozen ones as they are)."""
+        views = {name: self.flat[:, a:b].view(self.n, *shape)
+                 for name, (a, b, shape) in self.layout.items()}
+        return {**views, **self.frozen}
+
+    def forward_backward(self, xs: Tensor, ys: Tensor, z_loss: Tensor, amp: str
+                         ) -> tuple[Tensor, Tensor]:
+        """Every member's forward and backward pass on its own batch (xs[i], ys[i]).
+
+        Returns (loss, accuracy), each (N,); ``flat.grad`` holds each member's gradient."""
+        for m, _ in self._sdpa:
+            m.sdpa = False
+        try:
+            with autocast_context(self.device, amp):
+                minimised, loss, acc = self._member(self.parameters_as_dict(), self.buffers,
+                                                    xs, ys, z_loss)
+        finally:
+            for m, was in self._sdpa:
+                m.sdpa = was
+        self.flat.grad = None
+        minimised.sum().backward()         # the members are independent: each its own gradient
+        return loss.detach(), acc
+
+    def clip_and_norm(self, clip: Tensor) -> Tensor:
+        """(N,) each member's gradient norm before clipping; clips member i's gradient to
+        ``clip[i]`` (inf: no clipping) with ``clip_grad_norm_``'s rule."""
+        grad = self.flat.grad
+        norms = grad.norm(dim=1)                                             # (N,)
+        coef = (clip / (norms + 1e-6)).clamp(max=1.0)
+        grad.mul_(coef.unsqueeze(1))
+        return norms
+
+    def write_back(self, i: int, model: nn.Module, *, grads: bool = False) -> None:
+        """Copy member i's parameters and buffers (and gradients) into its own module."""
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for name, (a, b, shape) in self.layout.items():
+                named[name].copy_(self.flat[i, a:b].view(shape))
+                if grads and self.flat.grad is not None:
+                    named[name].grad = self.flat.grad[i, a:b].view(shape).clone()
+            for name, t in model.named_buffers():
+                t.copy_(self.buffers[name][i])
+
+
+class StackedOptimizer:
+    """Adam, AdamW or SGD on a stacked (N, P) parameter matrix, each member with its own
+    learning rate and weight decay, each entry with its own rate multiplier (μP).
+
+    The arithmetic is torch.optim's (the same order of operations as its foreach
+    implementation; a test compares them to float32 round-off): Adam's moments and bias
+    corrections, L2 decay added to the gradient for Adam and SGD, AdamW's multiplicative
+    decay before the update, SGD's momentum buffer that starts as the first gradient.
+    A member with ``independent`` decay (``TrainConfig.independent_decay``, AdamW only) is
+    multiplied by 1 − decay·lr_t/lr_peak: the schedule's shape, not the rate's size.
+    """
+
+    def __init__(self, flat: Tensor, lr_scale: Tensor, *, kind: str, betas: tuple[float, float],
+                 eps: float, momentum: float, weight_decay: Tensor, independent: Tensor,
+                 peak_lr: Tensor) -> None:
+        self.flat, self.lr_scale = flat, lr_scale.unsqueeze(0)              # (N, P), (1, P)
+        self.kind, self.betas, self.eps, self.momentum = kind, betas, eps, momentum
+        self.wd = weight_decay.unsqueeze(1)                                 # (N, 1)
+        self.independent = independent.unsqueeze(1)                         # (N, 1) bool
+        self.peak_lr = peak_lr.unsqueeze(1)                                 # (N, 1)
+        self.decays = bool((weight_decay != 0).any())
+        self.t = 0
+        self.buf: Tensor | None = None
+        if kind != "sgd":
+            self.m = torch.zeros_like(flat)
+            self.v = torch.zeros_like(flat)
+
+    @torch.no_grad()
+    def step(self, lr: Tensor, frozen: Tensor | None = None) -> None:
+        """One update with this step's rate of each member, lr: (N,). Members marked in
+        ``frozen`` (N,) bool are left exactly as they are (a diverged run stays where it
+        stopped)."""
+        p, g = self.flat, self.flat.grad
+        saved = p[frozen].clone() if frozen is not None and bool(frozen.any()) else None
+        lr_t = lr.unsqueeze(1)                                              # (N, 1)
+        lr_entry = lr_t * self.lr_scale                                     # (N, P)
+        self.t += 1
+        if self.kind == "adamw":
+            if self.decays:
+                p.mul_(1 - torch.where(self.independent, self.wd * lr_t / self.peak_lr,
+                                       lr_entry * self.wd))
+        elif self.decays:
+            g = g.add(p * self.wd)                                         # L2: in the gradient
+        if self.kind == "sgd":
+            if self.momentum:
+                self.buf = g.clone() if self.buf is None else self.buf.mul_(self.momentum).add_(g)
+                g = self.buf
+            p.sub_(lr_entry * g)
+        else:
+            b1, b2 = self.betas
+            self.m.lerp_(g, 1 - b1)
+            self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (self.v.sqrt() / math.sqrt(1 - b2 ** self.t)).add_(self.eps)
+            p.sub_(lr_entry / (1 - b1 ** self.t) * self.m / denom)
+        if saved is not None:
+            p[frozen] = saved

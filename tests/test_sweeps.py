@@ -1,0 +1,39 @@
+"""Runs spread over processes give the runs a plain loop gives (groups: test_grouped.py)."""
+
+import os
+
+import pytest
+import torch
+
+import depthlab as dl
+from depthlab.sweeps import sweep
+
+SMALL = dl.TransformerConfig(d_model=32, n_layers=2, vocab_size=16, max_len=16)
+CFG = dl.TrainConfig(steps=12, lr=3e-3)
+
+
+def _loss_after(seed):
+    model = dl.SequenceModel(SMALL, seed=seed)
+    hist = dl.train(model, dl.SequenceTask("sort", n=4, batch_size=16, seed=seed),
+                    CFG.replace(seed=seed))
+    return hist.loss, [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_sweep_over_processes_equals_a_plain_loop():
+    points = [3, 1, 2, 0]
+    parallel = sweep(_loss_after, points, workers=2)
+    plain = sweep(_loss_after, points, workers=1)
+    for (la, pa), (lb, pb) in zip(parallel, plain):
+        assert la == lb                                       # bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+    assert sweep(lambda p: (p, os.getpid()), [0, 1], workers=2)[1][0] == 1   # order kept
+
+
+def test_a_failing_point_raises_here_with_the_workers_traceback():
+    def fail(p):
+        if p == 2:
+            raise ZeroDivisionError("point two")
+        return p
+
+    with pytest.raises(RuntimeError, match="(?s)point 2.*ZeroDivisionError: point two"):
+        sweep(fail, [0, 1, 2, 3], workers=2)
