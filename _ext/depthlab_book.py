@@ -11,6 +11,8 @@
    exercises, read from the notebooks).
 5. Provides the ``claims-ledger`` directive, and makes the page that uses it be read after
    every chapter (so the chapters have run and logged their claims) and re-read on every build.
+6. Provides the ``budget-table`` directive (the status page: each chapter's measured time
+   alone, from ``benchmarks/budget.json``).
 """
 
 from __future__ import annotations
@@ -215,6 +217,41 @@ class CourseworkTable(SphinxDirective):
         return node.children
 
 
+class BudgetTable(SphinxDirective):
+    """For the status page: each chapter's time alone on 2 cores as ``benchmarks/budget.py``
+    last measured it (seconds, reference steps, the share of it that is arithmetic), and the
+    book's total against its budget. The chapters' opening lines state the same numbers."""
+
+    def run(self):
+        from docutils.statemachine import StringList
+
+        path = Path(self.env.srcdir) / "benchmarks" / "budget.json"
+        self.env.note_dependency(str(path))
+        if not path.exists():
+            return [nodes.paragraph(text="No measurement yet: run benchmarks/budget.py.")]
+        data = json.loads(path.read_text())
+        lines = [f"Measured on {data['measured']} ({data['machine']}); one reference step "
+                 f"took {data['reference_step_ms']} ms there, and one core multiplied "
+                 f"matrices at {data['matmul_gflops']} GFLOP/s.", "",
+                 "| chapter | seconds alone, 2 cores | reference steps | runs trained "
+                 "(in groups) | arithmetic share |", "|---|---|---|---|---|"]
+        for stem, e in data["chapters"].items():
+            lines.append(f"| [{stem}](chapters/{stem}.ipynb) | {e['seconds']:.0f} | "
+                         f"{e['reference_steps']:,} | {e['runs']} ({e['grouped_runs']}) | "
+                         f"{e['arithmetic_share']:.0%} |")
+        total = sum(e["seconds"] for e in data["chapters"].values())
+        lines += ["", f"**The book**, every chapter alone one after another: {total:.0f} s, "
+                  f"{data['book_reference_steps']:,} reference steps (budget 45,000; 7,500 "
+                  "per chapter)."]
+        if "book_as_built_seconds" in data:
+            lines.append(f" As the build runs it (two chapters at a time, one core each): "
+                         f"{data['book_as_built_seconds']:.0f} s.")
+        node = nodes.container()
+        self.state.nested_parse(StringList(lines, source="budget-table"), self.content_offset,
+                                node)
+        return node.children
+
+
 def on_html_page_context(app, pagename, templatename, context, doctree) -> None:
     """Drop repeated <script> entries (an inline script has filename None or "").
 
@@ -306,4 +343,5 @@ def setup(app):
     app.connect("html-page-context", on_html_page_context, priority=100)
     app.add_directive("claims-ledger", ClaimsLedger)
     app.add_directive("coursework-table", CourseworkTable)
+    app.add_directive("budget-table", BudgetTable)
     return {"parallel_read_safe": False, "parallel_write_safe": True, "version": "0.1"}

@@ -30,7 +30,7 @@ import time
 import torch
 
 import depthlab as dl
-from depthlab.sweeps import Run, step_flops, sweep, torch_threads, train_runs, usable_cores
+from depthlab.sweeps import Run, run_flops, sweep, torch_threads, train_runs, usable_cores
 
 SIZES = {   # name: (model config, data source factory)
     "transformer w16 × 6": (dl.TransformerConfig(d_model=16, n_heads=2, n_layers=6,
@@ -107,7 +107,7 @@ def compare(size: str, steps: int, rounds: int, peak: float) -> None:
             times[k].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     model_steps = len(LRS) * len(SEEDS) * steps
-    flops = step_flops(_runs(size, 1)[0])
+    flops = run_flops(_runs(size, 1)[0])
     base = med["loop, 1 thread"]
     arith = flops / (base / model_steps) / 1e9
     print(f"\n{size}: {flops / 1e6:.0f} MFLOP per step; the plain loop does {arith:.1f} "

@@ -53,3 +53,29 @@ def test_training_keeps_the_cuda_random_state_of_the_caller():
     dl.train(dl.SequenceModel(SMALL.replace(dropout=0.1)), dl.SequenceTask(n=4),
              dl.TrainConfig(steps=2, device="cuda"))
     assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
+def test_a_group_on_the_gpu_equals_its_runs_alone():
+    cfgs = [dl.TrainConfig(steps=10, lr=lr, device="cuda", sync_every=4) for lr in (1e-3, 1e-2)]
+    task = lambda s: dl.SequenceTask("sort", n=6, batch_size=16, seed=s)  # noqa: E731
+    alone = [dl.train(dl.SequenceModel(SMALL, seed=s), task(s), c) for s, c in enumerate(cfgs)]
+    grouped = dl.train_group([dl.SequenceModel(SMALL, seed=s) for s in (0, 1)],
+                             [task(s) for s in (0, 1)], cfgs)
+    for a, g in zip(alone, grouped):
+        assert g.device.startswith("cuda")
+        assert max(abs(x - y) for x, y in zip(a.loss, g.loss)) < 1e-3 * a.loss[0]
+
+
+def test_train_grid_groups_on_the_gpu_in_this_process():
+    """Once CUDA is in use a sweep must not fork (a forked child cannot use CUDA): the grid
+    trains here, every run of one structure in one group."""
+    import os
+
+    def run(lr, seed):
+        return dl.Run(dl.SequenceModel(SMALL, seed=seed), dl.SequenceTask(n=4, seed=seed),
+                      dl.TrainConfig(steps=5, lr=lr, seed=seed, device="cuda"))
+
+    torch.zeros(1, device="cuda")                          # CUDA is now initialised here
+    out = dl.train_grid(run, [1e-3, 1e-2], [0, 1], keep=lambda r: (os.getpid(), r.history))
+    assert {pid for runs in out.values() for pid, _ in runs} == {os.getpid()}
+    assert all(h.device.startswith("cuda") for runs in out.values() for _, h in runs)

@@ -210,7 +210,7 @@ def test_small_models_are_grouped_on_a_cpu_and_wide_ones_are_not():
     small = dl.Run(dl.SequenceModel(TF, seed=0), _task(0), BASE)
     wide = dl.Run(dl.SequenceModel(TF.replace(d_model=256, n_heads=4, n_layers=4), seed=0),
                   _task(0), BASE)
-    assert sweeps.step_flops(small) < sweeps.GROUP_BELOW_FLOPS < sweeps.step_flops(wide)
+    assert sweeps.run_flops(small) < sweeps.GROUP_BELOW_FLOPS < sweeps.run_flops(wide)
     tasks = sweeps._tasks([small, small, wide, wide], "auto", workers=1)
     assert sorted(map(sorted, tasks)) == [[0, 1], [2], [3]]
     assert sorted(map(sorted, sweeps._tasks([small, small], "never", workers=1))) == [[0], [1]]

@@ -111,3 +111,11 @@ def test_no_module_is_shadowed_by_a_function_of_the_same_name():
 def test_every_module_says_what_it_holds_and_names_its_chapter(module):
     doc = ast.get_docstring(ast.parse(SOURCES[module])) or ""
     assert len(doc) > 80, module
+
+
+def test_the_readme_layout_describes_every_module():
+    readme = (LIB.parents[1] / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    assert [m for m in dl.MODULES if f"  {m}.py" not in layout] == []
+    assert [f for f in ("ensemble.py", "parallel.py", "hooks.py", "remedies.py",
+                        "diagnostics.py") if f in layout] == []

@@ -96,6 +96,15 @@ def test_pick_device_returns_an_available_device():
     assert dl.pick_device("cpu").type == "cpu"
 
 
+def test_depthlab_device_overrides_every_runs_device(monkeypatch):
+    """The chapters train on the CPU (DEVICE = "cpu"); benchmarks/gpu_check.sh moves them all
+    to a GPU with DEPTHLAB_DEVICE=cuda. Shown here with the "meta" device, which every
+    machine has."""
+    assert dl.pick_device("cpu").type == "cpu"
+    monkeypatch.setenv("DEPTHLAB_DEVICE", "meta")
+    assert dl.pick_device("cpu").type == "meta" and dl.pick_device("auto").type == "meta"
+
+
 def test_bf16_autocast_runs_on_cpu():
     task = dl.SequenceTask("sort", n=4, batch_size=8)
     hist = dl.train(dl.SequenceModel(SMALL), task, dl.TrainConfig(steps=3, amp="bf16"))

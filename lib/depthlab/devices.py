@@ -64,14 +64,6 @@ def to_model(model: nn.Module, x: Tensor) -> Tensor:
     return x.to(device)
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (a clock read before that times the launch only)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def resolve_amp(device: torch.device, amp: str) -> str:
     """"auto" means bf16 on CUDA and float32 elsewhere; other modes are taken as given."""
     if amp == "auto":

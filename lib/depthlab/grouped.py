@@ -49,7 +49,7 @@ def structure(model: nn.Module):
     return key() if callable(key) else None
 
 
-def draws_random_numbers(model: nn.Module) -> str | None:
+def _draws_random_numbers(model: nn.Module) -> str | None:
     """The name of a module that draws random numbers in the forward pass (dropout, noisy
     BatchNorm), or None. vmap would draw one noise sample for every member, not N."""
     for m in model.modules():
@@ -69,7 +69,7 @@ def obstacle(models: Sequence[nn.Module]) -> str | None:
                 "(structure_key): only depthlab's models are grouped")
     if any(k != keys[0] for k in keys):
         return "the models differ in more than their initial values (their configurations)"
-    drawn = draws_random_numbers(models[0])
+    drawn = _draws_random_numbers(models[0])
     if drawn:
         return f"{drawn} draws random numbers in the forward pass, which vmap cannot draw per run"
     return None

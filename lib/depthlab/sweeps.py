@@ -43,8 +43,15 @@ from .config import TrainConfig
 from .devices import cuda_in_use, pick_device
 from .distributed import alone, init_distributed
 from .grouped import structure
-from .models import count_parameters
-from .training import Callback, DataSource, History, group_obstacle, train, train_group
+from .training import (
+    Callback,
+    DataSource,
+    History,
+    group_obstacle,
+    step_flops,
+    train,
+    train_group,
+)
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -90,7 +97,7 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def can_fork() -> bool:
+def _can_fork() -> bool:
     """True where ``sweep`` may fork workers: Linux, and CUDA not initialised here."""
     return (sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
             and not cuda_in_use())
@@ -134,7 +141,7 @@ def sweep(fn: Callable[[P], R], points: Sequence[P], *, workers: int | None = No
     if world > 1:
         return _sweep_distributed(fn, points, rank, world, threads)
     n = min(default_workers() if workers is None else workers, len(points))
-    if n <= 1 or _IN_WORKER or not can_fork():
+    if n <= 1 or _IN_WORKER or not _can_fork():
         with torch_threads(threads):
             return [fn(p) for p in points]
 
@@ -204,14 +211,9 @@ class Run:
 GROUP_BELOW_FLOPS = 2e8
 
 
-def step_flops(run: Run) -> float:
-    """Arithmetic of one training step of ``run``: about 6 FLOPs per parameter per input
-    position (2 forward, 4 backward; Kaplan et al. 2020). For the grouping rule, not a
-    measurement."""
-    inputs, _ = run.data.batch(0)
-    positions = inputs.shape[0] * (inputs.shape[1] if inputs.dim() > 1 and not
-                                   inputs.is_floating_point() else 1)
-    return 6.0 * count_parameters(run.model) * positions
+def run_flops(run: Run) -> float:
+    """Arithmetic of one training step of ``run`` (``training.step_flops``)."""
+    return step_flops(run.model, run.data.batch(0))
 
 
 def _group_key(run: Run):
@@ -235,7 +237,7 @@ def _tasks(runs: list[Run], group: str, workers: int) -> list[list[int]]:
         key = None if group == "never" else _group_key(run)
         if key is not None and group == "auto":
             on_gpu = pick_device(run.cfg.device).type == "cuda"
-            if not on_gpu and step_flops(run) >= GROUP_BELOW_FLOPS:
+            if not on_gpu and run_flops(run) >= GROUP_BELOW_FLOPS:
                 key = None
         if key is None or group_obstacle([run.model, run.model], [run.cfg, run.cfg],
                                          [run.callbacks, run.callbacks]):
@@ -268,7 +270,7 @@ def train_runs(runs: Sequence[Run], *, keep: Callable[[Run], R] | None = None,
     runs = list(runs)
     keep = keep or (lambda run: run)
     n_workers = default_workers() if workers is None else workers
-    tasks = _tasks(runs, group, n_workers if can_fork() else 1)
+    tasks = _tasks(runs, group, n_workers if _can_fork() else 1)
 
     def do(task: list[int]) -> list:
         members = [runs[i] for i in task]

@@ -25,6 +25,7 @@ for every step. Divergence is detected at those reads; on the CPU they happen ev
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import sys
@@ -42,6 +43,8 @@ from .devices import autocast_context, device_of, pick_device, resolve_amp, rng_
 from .distributed import data_parallel_world, shard, whole_batch_objective
 from .grouped import GroupError, Stack, StackedOptimizer, obstacle
 from .losses import IGNORE, DataError, loss_and_accuracy, objective
+
+ARITHMETIC_LOG_ENV = "DEPTHLAB_ARITHMETIC_LOG"
 
 
 @runtime_checkable
@@ -185,6 +188,30 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """The schedule's rate for this step, times each group's ``lr_scale``."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def step_flops(model: nn.Module, batch: tuple[Tensor, Tensor]) -> float:
+    """Arithmetic of one training step of ``model`` on ``batch``: about 6 FLOPs per trainable
+    parameter per input position (2 in the forward pass, 4 in the backward; Kaplan et al.
+    2020). An estimate for budgets and grouping decisions, not a measurement."""
+    inputs = batch[0]
+    positions = inputs.shape[0] * (inputs.shape[1] if inputs.dim() > 1
+                                   and not inputs.is_floating_point() else 1)
+    return 6.0 * sum(p.numel() for p in model.parameters() if p.requires_grad) * positions
+
+
+def _log_arithmetic(models: Sequence[nn.Module], datas: Sequence[DataSource],
+                    hists: Sequence[History]) -> None:
+    """With ``DEPTHLAB_ARITHMETIC_LOG=path`` set, append one JSON line per run: its steps and
+    estimated FLOPs (``step_flops``). ``benchmarks/budget.py`` sets it to tell how much of a
+    chapter's time is arithmetic."""
+    path = os.environ.get(ARITHMETIC_LOG_ENV)
+    if not path:
+        return
+    lines = [json.dumps({"steps": h.steps_run, "flops_per_step": step_flops(m, d.batch(0)),
+                         "grouped": len(models) > 1}) for m, d, h in zip(models, datas, hists)]
+    with open(path, "a") as f:                     # one short write per run: workers append
+        f.write("\n".join(lines) + "\n")
 
 
 def _interactive() -> bool:
@@ -526,6 +553,7 @@ def _loop(stepper, datas: list[DataSource], cfgs: list[TrainConfig],
         if not hist.message:
             hist.message = (f"trained {hist.steps_run} steps: loss {hist.loss[0]:.3f} -> "
                             f"{hist.final('loss'):.3f}, accuracy {hist.final('accuracy'):.3f}")
+    _log_arithmetic(models, datas, hists)
     return hists
 
 
