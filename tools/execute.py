@@ -1,13 +1,23 @@
-"""Execute the chapters once, for the website, the tests and the seed audit.
+"""Execute the chapters once, with nbval, for the website, the tests and the seed audit.
 
-The book's build (MyST-NB, ``execute_notebooks: cache``) looks each notebook up in a
-jupyter-cache by a hash of its code cells and executes only what it does not find. This module
-executes the chapters itself, several at a time, and stores the results in that cache, so that:
+Each chapter runs as nbval runs it (``pytest --nbval-lax``: every code cell a test, in one
+kernel), in its own pytest process, two chapters at a time, longest first. A small pytest plugin
+(tools/nbval_capture.py) keeps what that run produced: every cell's outputs and execution
+count, written as an executed notebook. The book's build (MyST-NB, ``execute_notebooks:
+cache``) looks each notebook up in a jupyter-cache by a hash of its code cells and executes only
+what it does not find; this module stores the executed notebooks in that cache, so that:
 
-- the website build finds every chapter there and executes nothing again;
-- the tests check the same executed notebooks (every cell ran, no error output: the check
-  ``nbval --nbval-lax`` makes) instead of running every chapter a second time;
+- the website build finds every chapter there and executes nothing again: the pages show the
+  outputs of nbval's run;
+- the tests check those same runs (tests/test_chapters.py: nbval's verdict, and no error
+  output in any cell) instead of running every chapter a second time;
 - the seed audit can run the chapters under other seed offsets, into a scratch ledger.
+
+nbval runs with ``-x``: as with nbclient (the build's own executor), a chapter stops at its
+first failing cell, the cells after it are reported as never run, and a failing chapter does not
+go on spending minutes on cells that cannot work. The executed notebooks carry no timing
+metadata in their cells: jupyter-cache hashes all cell metadata, and a timing stamp would make
+the build miss the chapter in the cache and execute it a second time (``_store`` checks).
 
 Freshness: the cache cannot see a change in ``lib/depthlab`` (only code cells are hashed), so
 a hash of the library is stored beside it (the book extension's ``library_hash``). When it
@@ -26,9 +36,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +50,7 @@ CACHE = BUILD / ".jupyter_cache"
 LEDGER = BUILD / "claims" / "ledger.json"
 EXECUTED = BUILD / "executed"
 STAMP = BUILD / "depthlab-library.sha256"
+TOOLS = ROOT / "tools"
 TIMEOUT = 600                       # seconds per cell; chapters are budgeted at 90 s in all
 
 
@@ -100,28 +113,53 @@ def kernel_env(ledger: Path | None, *, offset: int | None = None, jobs: int = 1,
     return env
 
 
-def _execute_one(path: str, env: dict[str, str]) -> tuple[str, float, str | None]:
-    """Run one notebook in a fresh kernel (in a worker process); its JSON, time and error."""
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+def nbval_command(path: str | Path, capture: str | Path) -> list[str]:
+    """The pytest command that runs one notebook with nbval and captures it into ``capture``
+    (the plugin is found through PYTHONPATH, see ``_execute_one``)."""
+    return [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env",
+            f"--nbval-cell-timeout={TIMEOUT}", "-p", "nbval_capture",
+            f"--nbval-capture={capture}", "-p", "no:cacheprovider", "-x", "-q", "--color=no",
+            str(path)]
 
-    nb = nbformat.read(path, as_version=4)
+
+def _execute_one(path: str, env: dict[str, str]) -> tuple[str, float, str | None]:
+    """Run one notebook with nbval in its own pytest process; its JSON, time and error.
+
+    The JSON is the executed notebook (nbval's outputs, see tools/nbval_capture.py). The time is
+    the chapter's own: from just before nbval starts the kernel to the end of its last cell
+    (kernel start-up, every cell, nbval's handling of each cell's messages), without pytest's
+    start-up and collection (about a second) or the kernel's shut-down. The error is nbval's
+    report of the failing cell, or None."""
+    import nbformat
+
+    path = Path(path)
+    env = dict(env)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(TOOLS)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.pop("NBVAL_CAPTURE", None)
     start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="nbval-") as tmp:
+        done = subprocess.run(nbval_command(path, tmp), env=env, cwd=path.parent,
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        executed = Path(tmp) / f"{path.stem}.ipynb"
+        report_path = Path(tmp) / f"{path.stem}.nbval.json"
+        report = json.loads(report_path.read_text()) if report_path.exists() else None
+        if executed.exists():
+            nb = nbformat.read(executed, as_version=4)
+        else:                                  # nothing ran: no cell has outputs or a count
+            nb = nbformat.read(path, as_version=4)
+            for cell in nb.cells:
+                if cell.cell_type == "code":
+                    cell.outputs, cell.execution_count = [], None
     error = None
-    try:
-        # record_timing=False: timing stamps in the cells' metadata would enter the cache's
-        # hash (jupyter-cache hashes all cell metadata), and the build would never find the
-        # chapter in the cache and execute it a second time
-        NotebookClient(nb, timeout=TIMEOUT, kernel_name="python3", allow_errors=False,
-                       record_timing=False,
-                       resources={"metadata": {"path": str(Path(path).parent)}}
-                       ).execute(env=env)
-    except CellExecutionError as exc:
-        error = str(exc)
-    except Exception as exc:                  # a dead kernel, a timeout: report, do not hang
-        error = f"{type(exc).__name__}: {exc}"
-    return nbformat.writes(nb), time.perf_counter() - start, error
+    if report and report["failures"]:
+        error = "\n".join(report["failures"])
+    elif done.returncode not in (0, 5):        # 5: no cell to run, as nbclient would pass
+        # pytest itself failed (a notebook that does not load, a plugin error): its output
+        error = f"pytest exited with {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    seconds = report["seconds"] if report else wall
+    return nbformat.writes(nb), seconds, error
 
 
 def execute(selected: list[Path] | None = None, *, jobs: int = 2, ledger: Path | None = LEDGER,
@@ -161,7 +199,8 @@ def execute(selected: list[Path] | None = None, *, jobs: int = 2, ledger: Path |
     if todo:
         log(f"executing {len(todo)} chapter(s), {jobs} at a time")
         todo.sort(key=stated_seconds, reverse=True)          # longest first (see above)
-        with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        # threads are enough: each chapter runs in its own pytest process (and kernel)
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             futures = {path: pool.submit(_execute_one, str(path), env) for path in todo}
             for path, future in futures.items():
                 text, seconds, error = future.result()
@@ -171,6 +210,10 @@ def execute(selected: list[Path] | None = None, *, jobs: int = 2, ledger: Path |
                 log(f"  {path.stem}: {seconds:.1f} s" + (" FAILED" if error else ""))
                 if cache is not None and error is None:
                     _store(cache, path, nbformat.reads(text, as_version=4), seconds)
+                    # Sphinx re-reads a page only when its source changed: forget the saved
+                    # environment so that every page is read again from the cache (cheap:
+                    # nothing executes).
+                    shutil.rmtree(BUILD / ".doctrees", ignore_errors=True)
     order = {p.stem: i for i, p in enumerate(selected)}
     return sorted(results, key=lambda r: order[r.chapter])
 
@@ -208,9 +251,6 @@ def _store(cache, path: Path, executed, seconds: float) -> None:
         found = None
     if found != stored.pk:
         raise RuntimeError(f"{path.name}: the executed notebook does not hash like its source")
-    # Sphinx re-reads a page only when its source changed: forget the saved environment so
-    # that every page is read again from the cache (cheap: nothing executes).
-    shutil.rmtree(BUILD / ".doctrees", ignore_errors=True)
 
 
 def cell_errors(executed: Path) -> list[str]:
