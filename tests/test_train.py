@@ -386,25 +386,33 @@ def test_lr_sensitivity_is_the_mean_excess_over_the_best_rate_with_failures_capp
         lr_sensitivity({}, init_loss=4.0)
 
 
-def _hidden_output_change(width, base):
-    """‖Δ(fc1 output)‖ / ‖fc1 output‖ after one Adam step, block 0, at init."""
-    from depthlab.probes import hidden_update_size
+def _coordinates(base, train_only=None):
+    """μP's coordinate check over widths 32-256 (3 Adam steps at 1e-2)."""
+    from depthlab.probes import coordinate_check
 
-    cfg = dl.TransformerConfig(d_model=width, n_heads=4, n_layers=2, vocab_size=16, max_len=12,
-                               init="fan_in", mup_base_width=base)
-    return hidden_update_size(cfg, dl.SequenceTask("sort", n=6, batch_size=16, seed=0), 1e-3)
+    def build(width):
+        cfg = dl.TransformerConfig(d_model=width, n_heads=width // 16, n_layers=2, vocab_size=16,
+                                   max_len=12, init="fan_in", mup_base_width=base)
+        return dl.SequenceModel(cfg, seed=0)
+
+    return coordinate_check(build, [32, 64, 128, 256], dl.SequenceTask("sort", n=6, seed=0),
+                            dl.TrainConfig(steps=3, lr=1e-2, device="cpu"),
+                            train_only=train_only).slopes()
 
 
-def test_mup_keeps_the_hidden_update_size_independent_of_width():
-    """μP's defining property (Yang et al. 2022) for Adam: one step changes a hidden layer's
-    output by the same relative amount at every width; in the standard parametrisation the
-    change grows in proportion to the width."""
-    widths = (32, 64, 128, 256)
-    standard = [_hidden_output_change(w, None) for w in widths]
-    mup = [_hidden_output_change(w, 32) for w in widths]
-    assert standard[-1] / standard[0] > 4                      # ~8x over an 8x range of width
-    assert 0.6 < mup[-1] / mup[0] < 1.6                        # measured: 0.74
-    assert mup[0] == pytest.approx(standard[0], rel=1e-6)      # the same model at the base width
+def test_mup_passes_its_coordinate_check_and_the_standard_parametrisation_does_not():
+    """Yang et al.'s coordinate check (the mup package's get_coord_data): after a few Adam
+    steps no layer's output, and not the logits' change, grows or shrinks with the width
+    under μP, for the whole model and for the readout alone (log-log slopes against width,
+    0 = flat, 1 = proportional); in the standard parametrisation the updates grow with the
+    width. A readout whose rate is also divided by the width (depthlab 0.2) fails: its logits'
+    change falls as 1/width (slope -1)."""
+    mup, mup_head = _coordinates(32), _coordinates(32, train_only="head")
+    sp, sp_head = _coordinates(None), _coordinates(None, train_only="head")
+    assert max(abs(v) for v in mup.values()) < 0.25, mup
+    assert abs(mup_head["logit change"]) < 0.25, mup_head
+    assert sp["logit change"] > 0.5 and sp_head["logit change"] > 0.5, (sp, sp_head)
+    assert min(sp["layer 0"], sp["layer 1"]) > 0.5, sp         # the hidden updates grow
 
 
 def test_mup_groups_learning_rates():
@@ -415,6 +423,10 @@ def test_mup_groups_learning_rates():
     opt = make_optimizer(list(model.parameters()), dl.TrainConfig(lr=1e-2))
     set_lr(opt, 1e-2)
     assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([2.5e-3, 1e-2])
+    opt = make_optimizer(list(model.parameters()), dl.TrainConfig(lr=1e-2, weight_decay=0.1))
+    set_lr(opt, 1e-2)        # μP's matrices decay 4 times more per unit of rate (mup's rule)
+    assert sorted(g["lr"] * g["weight_decay"] for g in opt.param_groups) == pytest.approx(
+        [1e-3, 1e-3])
     with pytest.raises(dl.ConfigError, match="mup_base_width"):
         dl.TransformerConfig(mup_base_width=0)
 

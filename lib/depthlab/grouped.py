@@ -183,7 +183,10 @@ class StackedOptimizer:
                  peak_lr: Tensor) -> None:
         self.flat, self.lr_scale = flat, lr_scale.unsqueeze(0)              # (N, P), (1, P)
         self.kind, self.betas, self.eps, self.momentum = kind, betas, eps, momentum
-        self.wd = weight_decay.unsqueeze(1)                                 # (N, 1)
+        # a μP matrix (lr_scale 1/m) decays m times more per unit of rate: rate × decay stays
+        # the same as the other parameters' (make_optimizer, the mup package's MuAdam)
+        self.wd = weight_decay.unsqueeze(1) / self.lr_scale                 # (N, P)
+        self.wd_member = weight_decay.unsqueeze(1)                          # (N, 1)
         self.independent = independent.unsqueeze(1)                         # (N, 1) bool
         self.peak_lr = peak_lr.unsqueeze(1)                                 # (N, 1)
         self.decays = bool((weight_decay != 0).any())
@@ -205,7 +208,7 @@ class StackedOptimizer:
         self.t += 1
         if self.kind == "adamw":
             if self.decays:
-                p.mul_(1 - torch.where(self.independent, self.wd * lr_t / self.peak_lr,
+                p.mul_(1 - torch.where(self.independent, self.wd_member * lr_t / self.peak_lr,
                                        lr_entry * self.wd))
         elif self.decays:
             g = g.add(p * self.wd)                                         # L2: in the gradient

@@ -397,28 +397,37 @@ class Block(nn.Module):
 
 
 def apply_mup(model: nn.Module, width: int, base_width: int) -> nn.Module:
-    """μP for Adam (Yang et al. 2022, Tensor Programs V; chapter 8), relative to
-    ``base_width``: with m = width / base_width, every *hidden* weight matrix (attention's
-    query/key/value and output projections, both MLP matrices) learns at lr/m. The readout
-    keeps a width-independent learning rate and its logits are multiplied by 1/m instead
-    (``SequenceModel.forward``; the ``mup`` package's MuReadout); embeddings, biases and norm
-    gains keep a width-independent rate. (Scaling the readout's rate by 1/m as well would
-    scale its effect twice: the logits' change would fall as 1/m².)
+    """μP for Adam (Yang et al. 2022, Tensor Programs V; chapter 8) relative to
+    ``base_width``, as the ``mup`` package implements it (MuReadout, MuAdam, set_base_shapes).
+    With m = width / base_width:
 
-    Why: under Adam each entry of a matrix moves by about the learning rate, so a hidden
-    layer's output changes by about lr·fan_in per step, m times more at m times the width;
-    lr/m keeps that change the same at every width, which is what lets the best learning rate
-    carry over from a narrow model to a wide one. μP's rule assumes weights of variance
-    1/fan_in (``init="fan_in"``). The attention keeps its 1/√Dh: the book's models keep the
-    head width Dh fixed as they widen, where μP's 1/Dh and 1/√Dh differ by a constant.
-    Marks the parameters with ``lr_scale``, which the optimisers read. The coordinate check
-    (``probes.coordinate_check``) tests the result.
+    - every *hidden* weight matrix (attention's query/key/value and output projections, both
+      MLP matrices: both dimensions grow with the width) learns at lr/m, and its weight decay
+      is multiplied by m, so that the decay per step, lr·decay, stays the same;
+    - the readout keeps a width-independent learning rate; its logits are multiplied by 1/m
+      (``SequenceModel.forward``), and its initial weights and bias by √m, so that its
+      effective initial scale is 1/width (μP's 1/fan_in² variance);
+    - embeddings, biases and norm gains keep the peak rate.
+
+    (Scaling the readout's rate by 1/m as well would scale its effect twice: the logits'
+    change would fall as 1/m².) Why: under Adam each entry of a matrix moves by about the
+    learning rate, so a hidden layer's output changes by about lr·fan_in per step, m times
+    more at m times the width; lr/m keeps that change the same at every width, which is what
+    lets the best learning rate carry over from a narrow model to a wide one. μP assumes
+    weights of variance 1/fan_in (``init="fan_in"``). Attention keeps its 1/√Dh: the book's
+    models keep the head width Dh fixed as they widen, where μP's 1/Dh and 1/√Dh differ by a
+    constant. Marks the hidden matrices with ``lr_scale`` = 1/m, which the optimisers read.
+    The coordinate check (``probes.coordinate_check``) tests the result.
     """
     m = width / base_width
     head = getattr(model, "head", None)
     for module in model.modules():
         if isinstance(module, nn.Linear) and module is not head:
             module.weight.lr_scale = 1.0 / m                # type: ignore[attr-defined]
+    if isinstance(head, nn.Linear):
+        with torch.no_grad():
+            for p in head.parameters():
+                p.mul_(math.sqrt(m))
     return model
 
 

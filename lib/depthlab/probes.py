@@ -9,7 +9,8 @@ untouched. Same convention as ``measure``: ``f(model, batch, *, ...)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,9 +19,18 @@ from torch import Tensor, nn
 from .config import MLPConfig, TrainConfig
 from .devices import to_model
 from .losses import loss_and_accuracy
-from .measure import backward, find_layers, inputs_of, run_once, untouched, unwrap
+from .measure import (
+    backward,
+    find_layers,
+    inputs_of,
+    isolated,
+    layer_outputs,
+    run_once,
+    untouched,
+    unwrap,
+)
 from .models import BatchNorm, MLPLayer, SelfAttention, SequenceModel, init_variance
-from .training import train
+from .training import Callback, DataSource, train
 
 
 def softmax_jacobian_norms(probs: Tensor) -> Tensor:
@@ -291,3 +301,83 @@ def hidden_update_size(cfg, data, lr: float, *, seed: int = 0, block: int = 0) -
     with torch.no_grad():
         after = fc1(h)
     return float((after - before).norm() / before.norm())
+
+
+@dataclass
+class CoordinateCheck:
+    """What ``coordinate_check`` measured. Arrays: (widths, steps + 1, ...), index t = after t
+    optimiser steps (t = 0: at initialisation)."""
+
+    widths: list[int]
+    names: list[str]           # the layers measured, input side first, then "logits"
+    rms: np.ndarray            # (widths, steps + 1, layers + 1): RMS of each layer's output
+    logit_change: np.ndarray   # (widths, steps + 1): RMS of logits(t) − logits(0)
+
+    def slope(self, values: np.ndarray) -> float:
+        """The log-log slope of ``values`` (one per width) against the width: 0 when the
+        quantity does not depend on the width, 1 when it grows in proportion to it."""
+        return float(np.polyfit(np.log(self.widths), np.log(values), 1)[0])
+
+    def slopes(self, step: int = -1) -> dict[str, float]:
+        """The slope against width of every layer's output RMS and of the logits' change,
+        after ``step`` steps (default: the last)."""
+        out = {name: self.slope(self.rms[:, step, i]) for i, name in enumerate(self.names)}
+        out["logit change"] = self.slope(self.logit_change[:, step])
+        return out
+
+
+class _Coordinates(Callback):
+    """Records every layer's output RMS and the logits on a fixed batch after every step."""
+
+    groupable = True
+
+    def __init__(self, probe: Tensor) -> None:
+        super().__init__()
+        self.probe = probe
+        self.rms: list[list[float]] = []
+        self.logits: list[Tensor] = []
+
+    def _record(self, model: nn.Module) -> None:
+        outs = layer_outputs(model, self.probe)
+        with isolated(model), torch.no_grad():
+            logits = model(to_model(model, self.probe)).detach().double().cpu()
+        self.rms.append([float(h.double().pow(2).mean().sqrt()) for h in outs]
+                        + [float(logits.pow(2).mean().sqrt())])
+        self.logits.append(logits)
+
+    def on_train_start(self, model: nn.Module) -> None:
+        self._record(model)
+
+    def after_step(self, step: int, model: nn.Module) -> None:
+        self._record(model)
+
+
+def coordinate_check(build: Callable[[int], nn.Module], widths: Sequence[int],
+                     data: DataSource, cfg: TrainConfig, *,
+                     train_only: str | None = None) -> CoordinateCheck:
+    """μP's coordinate check (Yang et al. 2022; the ``mup`` package's ``get_coord_data``):
+    does one training step change each layer by the same amount at every width?
+
+    For each width, ``build(width)`` is trained for ``cfg.steps`` steps on ``data`` (Adam,
+    say, at a fixed learning rate), and after every step the RMS of every layer's output
+    (``find_layers``) and of the logits, and the RMS change of the logits since
+    initialisation, are measured on a fixed batch. Under μP, with weights of variance
+    1/fan_in, none of them grows or shrinks with the width (a log-log slope near 0); in the
+    standard parametrisation the updates grow with it (chapter 8). ``train_only`` trains only
+    the parameters whose name starts with it (``"head"``: the readout alone), the others
+    frozen. The models are built and trained here; nothing of the caller's is changed.
+    """
+    probe = inputs_of(data.batch(10_000))
+    rms, change, names = [], [], []
+    for width in widths:
+        model = build(width)
+        if train_only is not None:
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith(train_only))
+        watch = _Coordinates(probe)
+        train(model, data, cfg.replace(progress=False), [watch])
+        names = [f"layer {i}" for i in range(len(find_layers(model)))] + ["logits"]
+        rms.append(watch.rms)
+        change.append([float((z - watch.logits[0]).pow(2).mean().sqrt())
+                       for z in watch.logits])
+    return CoordinateCheck(list(widths), names, np.array(rms), np.array(change))

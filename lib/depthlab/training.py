@@ -162,16 +162,18 @@ def make_optimizer(params: Iterable[Tensor], cfg: TrainConfig) -> torch.optim.Op
     """The optimiser named by ``cfg.optimizer`` with its learning rate, betas, eps and decay.
 
     A parameter marked with ``lr_scale`` (``models.apply_mup``) goes into a group of its own
-    that learns at ``lr_scale`` × the schedule's rate (``set_lr``); all others share one."""
+    that learns at ``lr_scale`` × the schedule's rate (``set_lr``), with its weight decay
+    divided by ``lr_scale`` so that the decay per step (rate × decay) is the same as the other
+    groups' (μP's rule, as the ``mup`` package's MuAdam applies it); all others share one."""
     by_scale: dict[float, list[Tensor]] = {}
     for p in params:
         by_scale.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
-    groups = [{"params": ps, "lr_scale": scale} for scale, ps in by_scale.items()]
+    groups = [{"params": ps, "lr_scale": scale, "weight_decay": cfg.weight_decay / scale}
+              for scale, ps in by_scale.items()]
     # foreach=True batches the per-tensor updates: about 2x faster for our small models on CPU,
     # where PyTorch would otherwise pick the one-tensor-at-a-time loop.
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
     if cfg.independent_decay:
         # PyTorch's AdamW multiplies the weights by 1 - lr_group·decay each step, so the decay
         # moves with the learning rate (Loshchilov & Hutter 2019). Independent decay
@@ -180,8 +182,7 @@ def make_optimizer(params: Iterable[Tensor], cfg: TrainConfig) -> torch.optim.Op
         for group in groups:
             group["weight_decay"] = cfg.weight_decay / (cfg.lr * group["lr_scale"])
     opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return opt(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-               weight_decay=cfg.weight_decay, foreach=True)
+    return opt(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
