@@ -4,8 +4,9 @@
     python3 tasks.py book    build the website into _build/html
     python3 tasks.py test    run every test (unit tests, notebooks, book build, browser, lint)
 
-Both execute each chapter once (tools/execute.py: two at a time, into the book's cache); the
-build and the tests then use those executed notebooks.
+Both run each chapter once with nbval (tools/execute.py: pytest --nbval-lax, two chapters at a
+time, the executed notebooks into the book's cache); the build and the tests then use those
+runs.
 
 Both create the virtual environment ``.venv`` from requirements.txt on first use (and again
 whenever requirements.txt or pyproject.toml changes). ``test`` also installs Debian's chromium
@@ -91,8 +92,8 @@ def book(args: list[str] = ()) -> None:
         e["DEPTHLAB_NO_SOLUTIONS"] = "1"
     else:
         e.pop("DEPTHLAB_NO_SOLUTIONS", None)
-    # Execute the chapters (two at a time) into the build's cache, then build: the build
-    # finds every chapter in the cache and executes nothing twice.
+    # Run the chapters with nbval (two at a time) into the build's cache, then build: the
+    # build finds every chapter in the cache and executes nothing twice.
     run(BIN / "python", "-c", "import sys; sys.path.insert(0, 'tools'); import execute; "
         "sys.exit(any(r.error for r in execute.execute()))", env=env())
     run(BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going", env=e)
@@ -104,10 +105,10 @@ def test(pytest_args: list[str]) -> None:
     ensure_venv()
     ensure_chromium()
     run(BIN / "ruff", "check", ".", env=env())
-    # One pytest session: unit tests; every chapter executed once (tools/execute.py) and
-    # checked cell by cell (what nbval --nbval-lax checks); the -W book build from those
-    # executed notebooks; the browser check of the built site; the Colab-pins environment;
-    # the coursework grading.
+    # One pytest session: unit tests; every chapter run once by nbval (tools/execute.py:
+    # pytest --nbval-lax per chapter, two at a time) and checked cell by cell; the -W book
+    # build from those same runs; the browser check of the built site; the Colab-pins
+    # environment; the coursework grading.
     run(BIN / "python", "-m", "pytest", "tests", *pytest_args, env=env())
 
 

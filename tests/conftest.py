@@ -18,7 +18,7 @@ def _no_ledger(monkeypatch):
 
 @pytest.fixture(scope="session")
 def executed():
-    """Every chapter executed once (two at a time) into the book's cache: {stem: Result}."""
+    """Every chapter run once by nbval (two at a time) into the book's cache: {stem: Result}."""
     import execute
 
     return {r.chapter: r for r in execute.execute()}
