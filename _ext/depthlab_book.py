@@ -113,7 +113,39 @@ class ClaimsLedger(SphinxDirective):
         html_parts.append(self._table(findings))
         html_parts.append("<h2 id='identities'>Identities</h2>")
         html_parts.append(self._table(identities))
+        html_parts.append("<h2 id='by-paper'>By paper</h2>")
+        html_parts.append(self._by_paper(findings))
         return [nodes.raw("", "\n".join(html_parts), format="html")]
+
+    def _by_paper(self, findings: list[dict]) -> str:
+        """Every finding that cites a paper, grouped under that paper: what the book tested of
+        each paper, and with which verdict (a finding citing two papers is under both)."""
+        papers: dict[str, list[dict]] = {}
+        for r in findings:
+            for paper in (r.get("source") or "").split(";"):
+                if paper.strip():
+                    papers.setdefault(paper.strip(), []).append(r)
+        if not papers:
+            return "<p>No finding cites a paper.</p>"
+        parts = ["<p>The findings that test a published result, under the paper they test. "
+                 "“Not shown here” says that our scale did not reach the paper's regime, not "
+                 "that the paper is wrong; each chapter's replication table says what "
+                 "differs.</p>", "<table class='depthlab-ledger-papers table'><thead><tr>"
+                 "<th>Paper</th><th>Claim</th><th>Verdict</th><th>Chapter</th></tr></thead>"
+                 "<tbody>"]
+        for paper in sorted(papers):
+            rows = papers[paper]
+            for i, r in enumerate(rows):
+                verdict = r["verdict"]
+                head = (f"<td rowspan='{len(rows)}'>{_esc(paper)}</td>" if i == 0 else "")
+                parts.append(
+                    f"<tr>{head}<td><span class='depthlab-id'>{_esc(r['claim_id'])}</span> "
+                    f"{_esc(r['statement'])}</td><td><span class='depthlab-chip "
+                    f"depthlab-chip-{verdict.replace(' ', '-')}'>"
+                    f"{_esc(r.get('label', verdict))}</span></td>"
+                    f"<td>{self._link(r['chapter'])}</td></tr>")
+        parts.append("</tbody></table>")
+        return "".join(parts)
 
     def _filters(self, chapters: list[str]) -> str:
         def select(name: str, options: list[tuple[str, str]]) -> str:

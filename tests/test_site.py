@@ -2,6 +2,7 @@
 every page opened in headless Chromium."""
 
 import functools
+import html
 import http.server
 import json
 import shutil
@@ -38,6 +39,19 @@ def test_claims_ledger_lists_every_chapter(build):
     page = (HTML / "claims_ledger.html").read_text()
     for r in ledger:
         assert r["claim_id"] in page
+    by_paper = page.split("id='by-paper'", 1)[1]         # the view by paper
+    for r in ledger:
+        if r.get("kind") == "finding" and r.get("source"):
+            first = r["source"].split(";")[0].strip()
+            assert html.escape(first, quote=True) in by_paper and r["claim_id"] in by_paper
+
+
+def test_the_status_page_shows_every_chapters_measured_time(build):
+    page = (HTML / "status.html").read_text()
+    measured = json.loads((ROOT / "benchmarks" / "budget.json").read_text())["chapters"]
+    assert "reference steps" in page
+    for stem, entry in measured.items():
+        assert stem in page and f"{entry['reference_steps']:,}" in page
 
 
 @pytest.fixture(scope="module")
