@@ -133,7 +133,9 @@ def _execute_one(path: str, env: dict[str, str]) -> tuple[str, float, str | None
     import nbformat
 
     path = Path(path)
-    env = dict(env)
+    # the outer pytest's settings (PYTEST_ADDOPTS="-k ...", PYTEST_PLUGINS, ...) are not the
+    # chapter's: a -k meant for the test session would deselect the notebook's cells
+    env = {k: v for k, v in env.items() if not k.startswith("PYTEST_")}
     env["PYTHONPATH"] = os.pathsep.join(
         [str(TOOLS)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.pop("NBVAL_CAPTURE", None)
@@ -153,11 +155,15 @@ def _execute_one(path: str, env: dict[str, str]) -> tuple[str, float, str | None
                 if cell.cell_type == "code":
                     cell.outputs, cell.execution_count = [], None
     error = None
+    never = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()
+             and c.execution_count is None]
     if report and report["failures"]:
         error = "\n".join(report["failures"])
-    elif done.returncode not in (0, 5):        # 5: no cell to run, as nbclient would pass
-        # pytest itself failed (a notebook that does not load, a plugin error): its output
-        error = f"pytest exited with {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    elif done.returncode not in (0, 5) or never:    # 5: no test, fine if no cell to run
+        # pytest itself failed (a notebook that does not load, a plugin error), or cells were
+        # deselected or skipped: never store such a notebook as the chapter's run
+        error = (f"pytest exited with {done.returncode}; cells never run: {never}\n"
+                 f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
     seconds = report["seconds"] if report else wall
     return nbformat.writes(nb), seconds, error
 
