@@ -33,6 +33,7 @@ from .measure import (
     record,
     run_once,
 )
+from .models import SkipLinear
 from .training import Callback
 
 
@@ -408,3 +409,45 @@ class GradientRMS(Callback):
         self.steps.append(step)
         self.rms.append(rms)
         return {"grad_rms/min": float(rms.min()), "grad_rms/median": float(np.median(rms))}
+
+
+class SkipGains(Callback):
+    """β/α of every ``models.SkipLinear`` (values and projections written ``α·I + β·W̃``,
+    He & Hofmann 2023, Eq. 6) every ``every`` steps, and before training (chapter 7).
+
+    With trainable gains, β/α falling toward 0 means training pulls the map back toward the
+    identity: the evidence behind fixing values and projections to I (their Fig. 4). Records
+    ``self.names`` (the modules' names, e.g. ``encoder.layers.0.attn.value``), ``self.steps``
+    (optimiser steps taken: 0 before training) and ``self.ratio`` (one (M,) array per record).
+    Reads the gains only: the run is unchanged.
+    """
+
+    groupable = True
+
+    def __init__(self, every: int = 10) -> None:
+        super().__init__(every)
+        self.names: list[str] = []
+        self.steps: list[int] = []
+        self.ratio: list[np.ndarray] = []
+
+    def _record(self, step: int, model: nn.Module) -> np.ndarray:
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, SkipLinear)]
+        if not found:
+            raise ValueError(f"{type(model).__name__} has no SkipLinear (values and projections "
+                             "written α·I + β·W̃: TransformerConfig.value_gain)")
+        self.names = [n for n, _ in found]
+        ratio = np.array([float(m.beta.detach()) / float(m.alpha.detach()) for _, m in found])
+        self.steps.append(step)
+        self.ratio.append(ratio)
+        return ratio
+
+    def on_train_start(self, model: nn.Module) -> None:
+        self._record(0, model)
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        ratio = self._record(step + 1, model)
+        return {f"skip_gain/{i}": float(r) for i, r in enumerate(ratio)}
+
+    def as_array(self) -> np.ndarray:
+        """(records, M) array of β/α."""
+        return np.stack(self.ratio) if self.ratio else np.zeros((0, 0))

@@ -127,10 +127,13 @@ class TransformerConfig(_Config):
     matrix A by ``attn_alpha·I + attn_beta·A`` (value-SkipInit, He, Martens et al. 2023) or by
     ``attn_alpha·I + attn_beta·A − attn_beta·C`` with C the uniform (causal) attention matrix
     and the queries initialised at 0 (shaped attention, Noci et al. 2023: exactly ``attn_alpha·I``
-    at initialisation); ``identity_values`` removes the value and output projections;
-    ``parallel`` computes attention and MLP from the same input, ``X_out = alpha_sa·X +
+    at initialisation); ``identity_values`` removes the value and output projections, and
+    ``value_gain`` writes each of them as ``α_V·I + β_V·W̃`` started at the identity (their
+    Eq. 6); ``parallel`` computes attention and MLP from the same input, ``X_out = alpha_sa·X +
     beta_sa·MHA(Norm(X)) + beta_ff·MLP(Norm(X))`` (GPT-J; He & Hofmann's SAS-P without the
-    skip, ``residual=False``). ``alpha_sa = 0`` removes the attention skip alone.
+    skip, ``residual=False``). ``alpha_sa = 0`` removes the attention skip alone. Their
+    norm-free model keeps two norms, as their code does: ``input_norm`` (block 1's input) and
+    ``final_norm=True`` (a LayerNorm after the last block).
     """
 
     d_model: int = 64          # width D of the residual stream
@@ -144,7 +147,9 @@ class TransformerConfig(_Config):
     beta_sa: float = 1.0       # gain on the attention branch
     alpha_ff: float = 1.0      # gain on the skip of the MLP sub-block
     beta_ff: float = 1.0       # gain on the MLP branch
-    final_norm: bool | None = None  # norm after the last block; None = only for Pre-LN
+    final_norm: bool | None = None  # norm after the last block; None = only for Pre-LN;
+    #                          with norm_kind="none" it is a LayerNorm (GPT-2's ln_f, which
+    #                          He & Hofmann's norm-free model keeps)
     causal: bool = True        # causal (decoder) or bidirectional (encoder) attention
     activation: str = "relu"   # MLP activation; PyTorch's encoder layer uses relu
     init: str = "torch"        # weight initialisation scheme, see models.init_weights
@@ -156,8 +161,14 @@ class TransformerConfig(_Config):
     attention: str = "softmax"  # "softmax", "value_skipinit" (αI + βA) or "shaped" (αI + βA − βC)
     attn_alpha: float = 1.0    # α: weight of the identity in the attention matrix (not softmax)
     attn_beta: float = 1.0     # β: weight of the softmax matrix (and of −C for "shaped")
-    trainable_gains: bool = False  # α and β of the attention matrix become parameters, per head
+    trainable_gains: bool = False  # α, β, γ of the attention matrix become parameters, per
+    #                          head (γ, on −C, starts equal to β), and α_V, β_V of value_gain
     identity_values: bool = False  # values and output projection fixed to the identity
+    value_gain: float | None = None  # β_V: values and output projection α_V·I + β_V·W̃ with
+    #                          W̃ = 0 and α_V = 1 at init (He & Hofmann's Eq. 6: identity at
+    #                          init, W̃ moving at β_V × the rate); None = plain matrices
+    input_norm: bool = False   # norm-free blocks: the first block still normalises its
+    #                          branch input (a LayerNorm), as He & Hofmann's code does
     parallel: bool = False     # attention and MLP side by side on one normalised input
     qk_norm: bool = False      # LayerNorm on each head's queries and keys (Dehghani et al. 2023)
     mup_base_width: int | None = None  # simple μP (Yang et al. 2022) relative to this width;
@@ -188,17 +199,29 @@ class TransformerConfig(_Config):
         _number(self, "norm_eps", 0.0, low_open=True)
         _number(self, "dropout", 0.0, 1.0)
         for name in ("residual", "causal", "bias", "trainable_gains", "identity_values",
-                     "parallel", "qk_norm"):
+                     "parallel", "qk_norm", "input_norm"):
             _boolean(self, name)
         _choice(self, "attention", ATTENTION_KINDS)
         for name in ("attn_alpha", "attn_beta"):
             _number(self, name, 0.0)
-        if self.attention == "softmax" and (self.attn_alpha != 1.0 or self.attn_beta != 1.0
-                                            or self.trainable_gains):
+        if self.value_gain is not None:
+            _number(self, "value_gain", 0.0, low_open=True)
+            if self.identity_values:
+                raise ConfigError(
+                    "TransformerConfig.value_gain reparametrises the value and output matrices "
+                    "(α_V·I + β_V·W̃); identity_values=True removes them: choose one")
+        if self.attention == "softmax" and (
+                self.attn_alpha != 1.0 or self.attn_beta != 1.0
+                or (self.trainable_gains and self.value_gain is None)):
             raise ConfigError(
                 "TransformerConfig.attn_alpha, attn_beta and trainable_gains shape the attention "
-                "matrix of attention='value_skipinit' or 'shaped'; with attention='softmax' "
-                "leave them at 1.0, 1.0, False")
+                "matrix of attention='value_skipinit' or 'shaped' (trainable_gains also the "
+                "gains of value_gain); with attention='softmax' leave them at 1.0, 1.0, False")
+        if self.input_norm and self.norm_placement != "none":
+            raise ConfigError(
+                "TransformerConfig.input_norm=True is for norm-free blocks (norm_placement="
+                f"'none'); with norm_placement={self.norm_placement!r} the first block already "
+                "normalises its input")
         if self.parallel and self.norm_placement == "post":
             raise ConfigError(
                 "TransformerConfig.parallel=True needs norm_placement 'pre' or 'none': a parallel "

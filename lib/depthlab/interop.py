@@ -66,6 +66,7 @@ def check_same_block(block: Block, want: TransformerConfig, what: str) -> None:
         # He & Hofmann's simplified blocks (chapter 7) are other functions of the same weights
         ("attention", have.attention, "softmax"),
         ("identity_values", have.identity_values, False),
+        ("value_gain", have.value_gain, None),
         ("parallel", have.parallel, False),
         ("qk_norm", have.qk_norm, False),
     ]

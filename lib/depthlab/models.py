@@ -201,6 +201,35 @@ def make_activation(name: str) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 
+class SkipLinear(nn.Module):
+    """A square linear map written as ``α·I + β·W̃``, with W̃ = 0 and α = 1 at initialisation
+    (He & Hofmann 2023, Eq. 6; chapter 7). x: (..., D) -> (..., D).
+
+    It starts as the identity, and under Adam W̃ moves by about the learning rate per step, so
+    the map moves by β times that: the same as a plain matrix started at I and trained at β
+    times the rate (their appendix A; ``probes.branch_after_one_step``). With ``trainable``,
+    α and β are parameters (scalars), whose ratio β/α says how far training takes the map
+    from the identity (their Fig. 4). No bias, as in their code."""
+
+    def __init__(self, d: int, beta: float, trainable: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d, d))          # W̃ (out, in), 0 at init
+        for name, value in (("alpha", 1.0), ("beta", beta)):
+            t = torch.tensor(float(value))
+            if trainable:
+                self.register_parameter(name, nn.Parameter(t))
+            else:
+                self.register_buffer(name, t)
+
+    def matrix(self) -> Tensor:
+        """α·I + β·W̃, (D, D)."""
+        eye = torch.eye(self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device)
+        return self.alpha * eye + self.beta * self.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.matrix())
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention. x: (B, T, D) -> (B, T, D).
 
@@ -215,17 +244,27 @@ class SelfAttention(nn.Module):
                  bias: bool = True, kind: str = "softmax", alpha: float = 1.0,
                  beta: float = 1.0, trainable_gains: bool = False,
                  identity_values: bool = False, qk_norm: bool = False,
-                 norm_eps: float = 1e-5) -> None:
+                 norm_eps: float = 1e-5, value_gain: float | None = None) -> None:
         super().__init__()
-        # identity_values: only queries and keys are projected; V = X and no output projection
-        self.qkv = nn.Linear(d_model, (2 if identity_values else 3) * d_model, bias=bias)
-        self.proj = nn.Identity() if identity_values else nn.Linear(d_model, d_model, bias=bias)
+        # identity_values: only queries and keys are projected; V = X and no output projection.
+        # value_gain (He & Hofmann's Eq. 6): V and the projection are α_V·I + β_V·W̃ (SkipLinear)
+        own_values = identity_values or value_gain is not None
+        self.qkv = nn.Linear(d_model, (2 if own_values else 3) * d_model, bias=bias)
+        self.value = (SkipLinear(d_model, value_gain, trainable_gains)
+                      if value_gain is not None else None)
+        if value_gain is not None:
+            self.proj = SkipLinear(d_model, value_gain, trainable_gains)
+        else:
+            self.proj = (nn.Identity() if identity_values
+                         else nn.Linear(d_model, d_model, bias=bias))
         self.proj.is_residual_out = True                       # scaled by 1/sqrt(2L) in gpt2 init
         self.qkv.feeds_relu = self.proj.feeds_relu = False     # Kaiming's gain 2 would not apply
         self.n_heads, self.causal, self.dropout = n_heads, causal, dropout
-        self.kind, self.identity_values = kind, identity_values
-        if kind != "softmax":                                  # the matrix's α and β, per head
-            for name, value in (("alpha", alpha), ("beta", beta)):
+        self.kind, self.identity_values = kind, own_values
+        if kind != "softmax":              # the matrix's α, β (and γ on −C, = β at init), per head
+            gains = [("alpha", alpha), ("beta", beta)] + ([("gamma", beta)] if kind == "shaped"
+                                                          else [])
+            for name, value in gains:
                 t = torch.full((n_heads,), float(value))
                 if trainable_gains:
                     self.register_parameter(name, nn.Parameter(t))
@@ -244,7 +283,7 @@ class SelfAttention(nn.Module):
         H = self.n_heads
         if self.identity_values:
             q, k = self.qkv(x).split(D, dim=-1)                # 2 x (B, T, D)
-            v = x
+            v = x if self.value is None else self.value(x)     # (B, T, D)
         else:
             q, k, v = self.qkv(x).split(D, dim=-1)             # 3 x (B, T, D)
         q = self.q_norm(q.view(B, T, H, D // H)).transpose(1, 2)   # (B, H, T, Dh)
@@ -286,7 +325,8 @@ class SelfAttention(nn.Module):
         return self._scores(q, k)
 
     def _matrix(self, q: Tensor, k: Tensor) -> Tensor:
-        """The matrix that mixes the values: softmax A, αI + βA, or αI + βA − βC."""
+        """The matrix that mixes the values: softmax A, αI + βA, or αI + βA − γC (γ = β at
+        initialisation, and always unless the gains are trainable)."""
         a = self._softmax(q, k)                                     # (B, H, T, T)
         if self.kind == "softmax":
             return a
@@ -295,7 +335,8 @@ class SelfAttention(nn.Module):
         beta = self.beta.to(a.dtype).view(-1, 1, 1)
         m = alpha * torch.eye(T, dtype=a.dtype, device=a.device) + beta * a
         if self.kind == "shaped":
-            m = m - beta * uniform_attention(T, self.causal, dtype=a.dtype, device=a.device)
+            gamma = self.gamma.to(a.dtype).view(-1, 1, 1)
+            m = m - gamma * uniform_attention(T, self.causal, dtype=a.dtype, device=a.device)
         return m
 
     def attention_weights(self, x: Tensor) -> Tensor:
@@ -364,7 +405,7 @@ class Block(nn.Module):
                                   kind=cfg.attention, alpha=cfg.attn_alpha, beta=cfg.attn_beta,
                                   trainable_gains=cfg.trainable_gains,
                                   identity_values=cfg.identity_values, qk_norm=cfg.qk_norm,
-                                  norm_eps=cfg.norm_eps)
+                                  norm_eps=cfg.norm_eps, value_gain=cfg.value_gain)
         # a parallel block normalises once: no second norm (its parameter count is exact)
         self.norm2 = (nn.Identity() if cfg.parallel
                       else make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps))
@@ -390,8 +431,9 @@ class Block(nn.Module):
         elif c.norm_placement == "post":
             x = self.norm1(_mix(a_sa, x, c.beta_sa, self._attn_block(x)))
             x = self.norm2(_mix(a_ff, x, c.beta_ff, self._mlp_block(x)))
-        else:
-            x = _mix(a_sa, x, c.beta_sa, self._attn_block(x))
+        else:                      # no norms: norm1 is the identity, except in the first
+            #                          block of a stack with input_norm (Encoder)
+            x = _mix(a_sa, x, c.beta_sa, self._attn_block(self.norm1(x)))
             x = _mix(a_ff, x, c.beta_ff, self._mlp_block(x))
         return x
 
@@ -468,7 +510,13 @@ class Encoder(nn.Module):
             # Each block is constructed on its own (never a deepcopy of one layer, which is how
             # nn.TransformerEncoder starts every layer identical), then re-initialised from seed.
             self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-            self.final_norm = (make_norm(cfg.norm_kind, cfg.d_model, cfg.norm_eps)
+            if cfg.input_norm:
+                # He & Hofmann's norm-free blocks, as their code builds them: "always use LN in
+                # first layer to normalise input activation norms" (block 1's branch input)
+                self.layers[0].norm1 = LayerNorm(cfg.d_model, cfg.norm_eps)
+            # a final norm in a norm-free stack is GPT-2's LayerNorm (ln_f), as in their code
+            final_kind = cfg.norm_kind if cfg.norm_kind != "none" else "layer"
+            self.final_norm = (make_norm(final_kind, cfg.d_model, cfg.norm_eps)
                                if cfg.has_final_norm else nn.Identity())
         init_weights(self, cfg.init, n_layers=cfg.n_layers, gain=cfg.init_gain, seed=seed)
         self.checkpoint = False    # recompute each block in backward (``gradient_checkpointing``)

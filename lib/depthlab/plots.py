@@ -698,12 +698,15 @@ def block_diagram(ax: Axes, cfg, *, title: str | None = None) -> Axes:
     matrices) and the MLP (with its gain β_FF when it is not 1); a ⊕ where branches are added;
     a line down the left side for each skip connection (``gid="skip"``). Reads the fields of a
     ``TransformerConfig``: ``norm_placement``, ``norm_kind``, ``residual``, ``alpha_sa``,
-    ``alpha_ff``, ``beta_ff``, ``attention``, ``identity_values`` and ``parallel``.
+    ``alpha_ff``, ``beta_ff``, ``attention``, ``identity_values``, ``value_gain`` and
+    ``parallel``.
     """
 
     norm = _NORM_NAMES.get(cfg.norm_kind) if cfg.norm_placement != "none" else None
-    attn = _ATTENTION_NAMES[cfg.attention] + ("\nV = W_O = I" if cfg.identity_values
-                                               else "\nwith W_V, W_O")
+    values = ("\nV = W_O = I" if cfg.identity_values
+              else f"\nV, W_O = I + {cfg.value_gain:g} W̃" if cfg.value_gain is not None
+              else "\nwith W_V, W_O")
+    attn = _ATTENTION_NAMES[cfg.attention] + values
     mlp = "MLP" + (f" × {cfg.beta_ff:g}" if cfg.beta_ff != 1.0 else "")
     skip_sa = cfg.residual and cfg.alpha_sa > 0
     skip_ff = cfg.residual and cfg.alpha_ff > 0 and not cfg.parallel
