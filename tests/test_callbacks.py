@@ -193,3 +193,40 @@ def test_output_logits_and_gradient_rms_record_without_changing_the_run():
         OutputLogits(probe, every=0)
     with pytest.raises(ValueError, match="every"):
         GradientRMS(every=True)
+
+
+def test_ics_measures_share_one_noise_convention():
+    """Chapter 4: both measures of internal covariate shift treat noisy BatchNorm alike. With
+    nothing trained (lr 0, the same weights at every record), "fixed" measures exactly 0 in
+    both; "fresh" sees the noise of the earlier layers in both, and only theirs: G'_l redraws
+    the noise before layer l and replays the draws of layer l and later."""
+    from depthlab.callbacks import GradientICS, InputDrift
+
+    x, y = dl.Digits(batch_size=32).batch(0)
+    model = _bn_mlp(norm_noise=0.5)
+    for layer in model.layers[:2]:                  # layers 0 and 1 draw no noise
+        layer.norm.noise = 0.0
+    results = {}
+    for noise in ("fixed", "fresh"):
+        ics = GradientICS((x, y), lr=0.0, every=1, noise=noise)
+        drift = InputDrift(x, every=1, noise=noise)
+        for step in range(3):
+            ics.before_step(step, model)
+            drift.after_step(step, model)
+        results[noise] = (np.array(ics.relative), drift.drift())
+    rel, drift = results["fixed"]
+    assert (rel == 0).all() and np.allclose(drift, 0.0)
+    rel, drift = results["fresh"]
+    # layers 1 and 2 see only noiseless earlier layers: their own (and later) noise is replayed
+    assert (rel[:, :3] == 0).all() and (rel[:, 3] > 0.01).all()
+    assert np.allclose(drift[:3], 0.0) and drift[3] > 0.01
+
+
+def test_noise_convention_is_validated():
+    from depthlab.callbacks import GradientICS, InputDrift
+
+    x, y = dl.Digits(batch_size=8).batch(0)
+    with pytest.raises(ValueError, match="fresh"):
+        GradientICS((x, y), lr=0.1, noise="same")
+    with pytest.raises(ValueError, match="fixed"):
+        InputDrift(x, noise="new")

@@ -176,6 +176,69 @@ def _flat(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.detach().reshape(-1).double() for t in tensors])
 
 
+# How the probes of internal covariate shift treat a network that draws random numbers in its
+# forward pass (noisy BatchNorm, dropout). Both measures take the same convention (chapter 4).
+NOISE_CONVENTIONS = {
+    "fresh": "the layers before l draw new noise in every pass, as they do at every training "
+             "step: a measurement sees what layer l sees from one step to the next",
+    "fixed": "every pass draws the same noise: only the weights' change is measured",
+}
+
+
+def _check_noise(noise: str) -> str:
+    if noise not in NOISE_CONVENTIONS:
+        raise ValueError(f"noise={noise!r}; choose one of {sorted(NOISE_CONVENTIONS)}: "
+                         + "; ".join(f"{k}: {v}" for k, v in NOISE_CONVENTIONS.items()))
+    return noise
+
+
+def _pass_seed(noise: str, step: int, k: int = 0) -> int:
+    """The seed of pass ``k`` of a record taken at ``step``: one seed for everything under
+    "fixed", a seed of its own for every pass under "fresh"."""
+    return 0 if noise == "fixed" else step * 4096 + k
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@contextlib.contextmanager
+def _draws_at(layers: Sequence[nn.Module], device: torch.device, *,
+              keep: list | None = None, replay: tuple[int, tuple] | None = None
+              ) -> Iterator[None]:
+    """Forward pre-hooks on ``layers``: ``keep`` receives the random state as each layer
+    starts (one entry per layer); ``replay=(l, state)`` sets that state as layer l starts, so
+    that layer l and every later layer draw exactly what they drew in the pass that kept it."""
+    def keeper(i: int):
+        def hook(module, args):
+            assert keep is not None
+            keep[i] = _rng_state(device)
+        return hook
+
+    def replayer(module, args):
+        assert replay is not None
+        _set_rng_state(device, replay[1])
+
+    handles = []
+    if keep is not None:
+        keep[:] = [None] * len(layers)
+        handles = [layer.register_forward_pre_hook(keeper(i)) for i, layer in enumerate(layers)]
+    if replay is not None:
+        handles.append(layers[replay[0]].register_forward_pre_hook(replayer))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class InputDrift(Callback):
     """How the distribution of each layer's input moves during training (Ioffe & Szegedy).
 
@@ -188,16 +251,22 @@ class InputDrift(Callback):
     batch itself, so a BatchNorm network's next layer sees mean 0 and sd 1 by construction (up
     to γ, β). ``mode="eval"`` uses the running statistics, as at inference, so a BatchNorm
     network can drift too.
+
+    ``noise`` (``NOISE_CONVENTIONS``), for a network that draws random numbers in training
+    mode: "fresh" (default) draws new noise at every record, as every training step does, so
+    the drift includes the noise's; "fixed" draws the same noise at every record, so only the
+    weights move the inputs. ``GradientICS`` takes the same convention.
     """
 
     groupable = True
 
     def __init__(self, probe: Tensor, layers: Sequence[nn.Module] | None = None,
-                 every: int = 10, mode: str = "train") -> None:
+                 every: int = 10, mode: str = "train", noise: str = "fresh") -> None:
         super().__init__(every)
         if mode not in ("train", "eval"):
             raise ValueError(f"mode={mode!r}; choose 'train' or 'eval'")
         self.probe, self._layers, self.mode = probe, layers, mode
+        self.noise = _check_noise(noise)
         self.steps: list[int] = []
         self.mean: list[list[np.ndarray]] = []
         self.std: list[list[np.ndarray]] = []
@@ -212,7 +281,7 @@ class InputDrift(Callback):
             return hook
 
         handles = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
-        with isolated(model, seed=step, train=self.mode == "train"):
+        with isolated(model, seed=_pass_seed(self.noise, step), train=self.mode == "train"):
             run_once(model, self.probe.to(device_of(model)), handles)
         self.steps.append(step)
         self.mean.append([s.mean(0).cpu().numpy() for s in seen])
@@ -243,14 +312,24 @@ class GradientICS(Callback):
     cosine between them (``cosine``): how much a layer's gradient changes because the layers
     before it moved. Lists of (L,) arrays, one per record (layer 0 has no earlier layer:
     0, 0 and 1).
+
+    ``noise`` (``NOISE_CONVENTIONS``), for a network that draws random numbers in training
+    mode (noisy BatchNorm): under "fresh" (default) the earlier layers of G'_l draw new noise,
+    as they will at the next step, while layer l and the later ones draw exactly the noise of
+    G_l (their state is replayed as layer l starts): "the earlier layers moved", noise
+    included, and nothing else. Under "fixed" G and G' draw the same noise, so only the
+    earlier layers' weights differ. ``InputDrift`` takes the same convention, so the two
+    measures of internal covariate shift can be compared (chapter 4).
     """
 
     groupable = True
 
     def __init__(self, probe: tuple[Tensor, Tensor], lr: float,
-                 layers: Sequence[nn.Module] | None = None, every: int = 10) -> None:
+                 layers: Sequence[nn.Module] | None = None, every: int = 10,
+                 noise: str = "fresh") -> None:
         super().__init__(every)
         self.probe, self.lr, self._layers = probe, lr, layers
+        self.noise = _check_noise(noise)
         self.steps: list[int] = []
         self.relative: list[np.ndarray] = []
         self.absolute: list[np.ndarray] = []
@@ -261,7 +340,10 @@ class GradientICS(Callback):
         params = [list(layer.parameters()) for layer in layers]
         device = device_of(model)
         x, y = (t.to(device) for t in self.probe)
-        _, flat_grads = _loss_grads(model, [p for ps in params for p in ps], x, y, seed=step)
+        starts: list = []                          # the random state as each layer starts, in G
+        with _draws_at(layers, device, keep=starts):
+            _, flat_grads = _loss_grads(model, [p for ps in params for p in ps], x, y,
+                                        seed=_pass_seed(self.noise, step))
         grads, k = [], 0
         for ps in params:
             grads.append(flat_grads[k:k + len(ps)])
@@ -269,8 +351,9 @@ class GradientICS(Callback):
         rel, ab, cos = [0.0], [0.0], [1.0]
         for i in range(1, len(layers)):
             earlier = [(p, g) for ps, gs in zip(params[:i], grads[:i]) for p, g in zip(ps, gs)]
-            with _stepped(earlier, self.lr):
-                _, moved = _loss_grads(model, params[i], x, y, seed=step)
+            with _stepped(earlier, self.lr), _draws_at(layers, device, replay=(i, starts[i])):
+                _, moved = _loss_grads(model, params[i], x, y,
+                                       seed=_pass_seed(self.noise, step, i))
             g0, g1 = _flat(grads[i]), _flat(moved)
             ab.append(float((g0 - g1).norm()))
             rel.append(ab[-1] / (float(g0.norm()) + 1e-30))
