@@ -165,7 +165,7 @@ class Encoder:
         if a.dtype.name not in NUMPY_DTYPES:
             raise Unreadable(f"{where or 'the value'} is an array of dtype {a.dtype}, which the "
                              "grader cannot read")
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
+        a = np.asarray(a, dtype=a.dtype.newbyteorder("="), order="C")   # keeps 0-d as 0-d
         self.blobs.append(a.tobytes())
         return {"!ndarray": _len(self.blobs) - 1, "dtype": a.dtype.name, "shape": list(a.shape)}
 
