@@ -194,8 +194,9 @@ def nobody_can_run() -> bool:
         nobody = pwd.getpwnam(NOBODY)
     except KeyError:
         return False
-    import depthlab
     import torch
+
+    import depthlab
 
     pid = os.fork()
     if pid == 0:
