@@ -3,6 +3,7 @@ every page opened in headless Chromium."""
 
 import functools
 import http.server
+import itertools
 import json
 import shutil
 import threading
@@ -175,6 +176,24 @@ def test_an_explorer_responds_without_a_kernel(server, browser, chapter):
         box.locator(f"select[data-control='{name}']").select_option(value)
     assert names and img.get_attribute("src") == frames[target] != before
     assert img.is_visible()
+    # the note says which settings were not drawn, and why; choosing one says so too
+    options = {n: box.locator(f"select[data-control='{n}'] option").all_inner_texts()
+               for n in names}
+    total = 1
+    for values in options.values():
+        total *= len(values)
+    note = box.locator(".depthlab-explorer-note").inner_text()
+    if len(frames) == total:
+        assert f"All {total} settings drawn" in note, note
+    else:
+        assert f"{len(frames)} of {total} settings drawn" in note and "Why:" in note, note
+        undrawn = next(dict(zip(names, combo)) for combo in itertools.product(*options.values())
+                       if "|".join(f"{n}={v}" for n, v in zip(names, combo)) not in frames)
+        for name, value in undrawn.items():
+            box.locator(f"select[data-control='{name}']").select_option(value)
+        assert box.locator(".depthlab-explorer-missing").is_visible() and not img.is_visible()
+        assert "not drawn for the website (" in box.locator(".depthlab-explorer-missing")\
+            .inner_text()
     assert not errors, errors
     page.close()
 
