@@ -332,13 +332,22 @@ def _judge(jobfile: str, outfile: str) -> None:
         for i, run in enumerate(job["runs"]):
             out["current"] = i
             save()
-            if not server.alive():              # a student process cannot stop the others
-                server.close()
-                server = start_server()
-                server.wait_ready(timeout=900)
-            out["results"].append(_grade_run(server, shell, base, run,
-                                             job["exercises"].get(run["exercise"]),
-                                             job["time_limit"]))
+            for attempt in (1, 2):             # a student process cannot stop the others
+                if not server.alive():
+                    server.close()
+                    server = start_server()
+                    server.wait_ready(timeout=900)
+                try:
+                    result = _grade_run(server, shell, base, run,
+                                        job["exercises"].get(run["exercise"]),
+                                        job["time_limit"])
+                    break
+                except RuntimeError:              # the server died before this answer began
+                    if attempt == 2:
+                        raise
+                    server.proc.kill()
+                    server.proc.wait()
+            out["results"].append(result)
         out["current"] = len(job["runs"])
         save()
     finally:
@@ -351,7 +360,7 @@ def _grade_run(server, shell, base: dict, run: dict, ex: dict | None,
     expect = run["expect"]
     if ex is None:
         return [_failed(f"no exercise {run['exercise']}")] * expect
-    pid, sock = server.fork()
+    pid, sock = server.fork()                  # RuntimeError if the server died: see _judge
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:                                       # the check process
@@ -361,7 +370,8 @@ def _grade_run(server, shell, base: dict, run: dict, ex: dict | None,
             results = _check(shell, base, run, ex, sandbox.Student(sock, time_limit))
         except BaseException as exc:  # noqa: BLE001
             results = [_failed(f"grading error: {type(exc).__name__}: {exc}"[:300])] * expect
-        os.write(write_end, json.dumps(results).encode())
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(json.dumps(results).encode())
         os._exit(0)
     os.close(write_end)
     sock.close()
@@ -379,7 +389,10 @@ def _grade_run(server, shell, base: dict, run: dict, ex: dict | None,
         data += chunk
     os.close(read_end)
     os.waitpid(child, 0)
-    status = server.reap(pid)
+    try:
+        status = server.reap(pid)
+    except RuntimeError:                 # the server died (killed?): _judge starts another
+        status = -1
     try:
         results = json.loads(data)
     except ValueError:

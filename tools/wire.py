@@ -35,6 +35,7 @@ import math
 import pickle
 import socket
 import struct
+import time
 
 import numpy as np
 import torch
@@ -376,9 +377,15 @@ def frame(doc, blobs: list[bytes]) -> bytes:
                      *(_LEN.pack(len(b)) for b in blobs), text, *blobs])
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+def _recv_exactly(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """``n`` bytes; by ``deadline`` (time.monotonic) if given, however slowly they come."""
     chunks, got = [], 0
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the other process took too long")
+            sock.settimeout(left)
         chunk = sock.recv(min(n - got, 1 << 20))
         if not chunk:
             raise EOFError("the other process closed the connection")
@@ -387,19 +394,21 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def recv_data(sock: socket.socket, handle=None, limit: int = FRAME_LIMIT):
+def recv_data(sock: socket.socket, handle=None, limit: int = FRAME_LIMIT,
+              deadline: float | None = None):
     """Read one data frame from ``sock`` and decode it (``WireError`` if it is not one).
-    Socket timeouts (``socket.timeout``) and ``EOFError`` pass through."""
-    magic, n_blobs, n_json = _HEAD.unpack(_recv_exactly(sock, _HEAD.size))
+    ``deadline`` (time.monotonic) bounds the whole frame, not each read: a sender that
+    trickles bytes cannot hold the reader. ``TimeoutError`` and ``EOFError`` pass through."""
+    magic, n_blobs, n_json = _HEAD.unpack(_recv_exactly(sock, _HEAD.size, deadline))
     if magic != _DATA_MAGIC:
         raise WireError("not a data frame")
     if n_blobs > 1 << 16 or n_json > limit:
         raise WireError(f"a frame larger than {limit >> 20} MiB")
-    sizes = [_LEN.unpack(_recv_exactly(sock, _LEN.size))[0] for _ in range(n_blobs)]
+    sizes = [_LEN.unpack(_recv_exactly(sock, _LEN.size, deadline))[0] for _ in range(n_blobs)]
     if n_json + sum(sizes) > limit:
         raise WireError(f"a frame larger than {limit >> 20} MiB")
-    text = _recv_exactly(sock, n_json)
-    blobs = [_recv_exactly(sock, s) for s in sizes]
+    text = _recv_exactly(sock, n_json, deadline)
+    blobs = [_recv_exactly(sock, s, deadline) for s in sizes]
     try:
         doc = json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
