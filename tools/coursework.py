@@ -12,21 +12,34 @@ itself and is removed from the student version (``notebooks.student_version``).
 
 Grading does not trust the handed-in notebook beyond its answers. For each student and chapter
 it takes the student's answer cells (found by their nbgrader id, or, where a copy-paste lost
-the metadata, by their place after the exercise's text) and runs them inside the chapter as
-released: in a fresh Python process, the chapter's ``exercise-setup`` cells, then each answer
-in its own copy of that namespace followed by the chapter's complete check cell. An exercise
-scores its points when the check passes. So a deleted or edited check cell changes nothing
-(an edited one is reported as tampering), and an exercise's score depends on its own answer
-only (``tests/test_coursework.py`` checks that exercises use only the setup's names).
+the metadata, by their place after the exercise's text) and grades them against the chapter as
+released. Student code never runs where the checks run (as in PrairieLearn's external grading
+or Gradescope's autograder containers):
+
+- a **judge** process per chapter (``_judge``) runs the chapter's ``exercise-setup`` cells
+  and, for every answer, forks a **check process** that runs the complete check cell in a
+  fresh copy of that set-up. Neither ever runs student code.
+- a **student server** (tools/sandbox.py) runs the same set-up and forks a confined
+  **student process** per answer, which runs the answer and sends back the values of the
+  exercise's names (``depthlab.answers``, and ``depthlab.reads``: set-up objects the answer
+  changes, e.g. the student's ``claims``) as data only (tools/wire.py). A student's function
+  stays there; the check calls it through ``sandbox.Remote``, on arguments the check built.
+
+An exercise scores its points when its check passes. So a deleted or edited check cell changes
+nothing (an edited one is reported as tampering), an exercise's score depends on its own answer
+only (``tests/test_coursework.py`` checks that exercises use only the setup's names), and an
+answer that patches builtins or library helpers, crashes, hangs, hoards memory or floods its
+output loses that exercise and nothing else (``tests/test_hostile_students.py``).
 
 What a class folder can do wrong is reported, never fatal: an unreadable notebook, a file
 renamed by a download (``03_batch_vs_layer_norm (1).ipynb`` is matched and reported), two files
 for one chapter, an answer cell that cannot be found, a check cell that was changed. They go to
 the console and to ``<table>.problems.txt`` beside the grade table.
 
-Grading runs two notebooks at a time, each with one torch thread (on a 2-core machine two
+Grading runs two lanes at a time (a lane: one judge and one student server for one chapter,
+grading its students one after another), each with one torch thread (on a 2-core machine two
 2-thread processes ran 30 times slower than two 1-thread ones), and prints the time per
-notebook and the projected time for a class.
+notebook and the projected time for a class (``benchmarks/grading.py`` measures a class).
 """
 
 from __future__ import annotations
