@@ -27,7 +27,8 @@ NAMES = sorted({n for e in EXERCISES for n in e.answers})
 INSTRUCTOR = json.loads(CHAPTER.read_text())
 
 # What a determined student wrote (issue #34): every comparison helper a check might use
-# replaced, every answer name an object equal to anything, and isinstance always true.
+# replaced and every answer name an object equal to anything (this earned 2 of 6 points on
+# chapter 0 when answers ran beside the checks) ...
 PATCH = f"""
 import builtins, math
 import numpy, numpy.testing, torch, torch.testing
@@ -53,8 +54,9 @@ torch.allclose = torch.isclose = torch.equal = lambda *a, **k: True
 torch.testing.assert_close = lambda *a, **k: None
 for _name in {NAMES!r}:
     globals()[_name] = Yes()
-builtins.isinstance = lambda *a, **k: True
 """
+# ... and the same with isinstance always true (this stopped the grading of the whole class).
+SABOTAGE = PATCH + "builtins.isinstance = lambda *a, **k: True\n"
 
 
 def _with_answers(answers: dict[str, str]) -> dict:
@@ -88,6 +90,7 @@ def test_patching_crashing_sleeping_hoarding_and_flooding_students(tmp_path):
     points = {e.id: e.points for e in EXERCISES}
     broken = {
         "patcher": {ex: PATCH for ex in ids},
+        "saboteur": {ex: SABOTAGE for ex in ids},
         "exiter": {ids[0]: "import os\nos._exit(1)\n"},
         "segfault": {ids[1]: "import ctypes\nctypes.string_at(0)\n"},
         "sleeper": {ids[0]: "import time\ntime.sleep(10 ** 6)\n"},
@@ -106,10 +109,11 @@ def test_patching_crashing_sleeping_hoarding_and_flooding_students(tmp_path):
     for ex in ids:
         assert scores[("honest", ex)].score == points[ex], scores[("honest", ex)].note
         assert scores[("untouched", ex)].score == 0
-        assert scores[("patcher", ex)].score == 0, f"the patching student scores on {ex}"
-        assert scores[("patcher", ex)].note
+        for name in ("patcher", "saboteur"):
+            assert scores[(name, ex)].score == 0, f"the {name} scores on {ex}"
+            assert scores[(name, ex)].note
         for name, answers in broken.items():
-            if name != "patcher" and ex not in answers:       # their other answers are right
+            if ex not in answers:                             # their other answers are right
                 assert scores[(name, ex)].score == points[ex], (name, ex,
                                                                 scores[(name, ex)].note)
     note = {name: scores[(name, next(iter(answers)))] for name, answers in broken.items()}

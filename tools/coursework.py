@@ -633,11 +633,13 @@ def grade(submissions: Path, *, jobs: int = 2, keep: Path | None = None, log=pri
     for name, chapter, answers in work:
         by_chapter.setdefault(chapter, []).append((name, answers))
     # A lane is one judge and one student server for one chapter: each runs the chapter's
-    # set-up once and then grades its students one after another. With fewer chapters than
-    # jobs, a chapter's students are shared among several lanes.
+    # set-up once and then grades its students one after another. Each chapter's students
+    # are shared among ``jobs`` lanes, and ``jobs`` lanes run at a time: a slow chapter is
+    # not left to one process while the other waits (chapters 2 and 4 for 30 students:
+    # 5.9 min with one lane per chapter).
     lanes = []
     for chapter, items in by_chapter.items():
-        k = max(1, min(len(items), jobs // len(by_chapter)))
+        k = max(1, min(len(items), jobs))
         lanes += [(chapter, items[j::k]) for j in range(k)]
 
     def one(lane):
@@ -720,7 +722,7 @@ def projection(report: Report, jobs: int = 2, class_size: int = 30) -> str:
     """The measured time per notebook and per set-up, and what they make for a class: each
     chapter's notebooks shared among ``jobs`` processes, each lane paying one set-up."""
     chapters = sorted({c for _, c in report.seconds})
-    lanes = max(1, jobs // len(chapters))
+    lanes = max(1, jobs)                                    # per chapter: see grade()
     total, per_notebook = 0.0, []
     for c in chapters:
         times = [t for (_, ch), t in report.seconds.items() if ch == c]
