@@ -285,6 +285,8 @@ class RuntimePostTransform(SphinxPostTransform):
     def run(self, **kwargs) -> None:
         from myst_nb.sphinx_ import NbMetadataCollector
 
+        if not any(True for _ in self.document.findall(RuntimeNode)):
+            return
         data = NbMetadataCollector.get_doc_data(self.env)
         chapters = sorted(d for d in self.env.found_docs if d.startswith("chapters/"))
         runtimes = {d.split("/")[-1]: (data.get(d, {}).get("exec_data") or {}).get("runtime")
