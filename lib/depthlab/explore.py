@@ -124,8 +124,8 @@ def frames_html(plot: Callable[..., Figure], controls: Mapping[str, Sequence],
         why = ""
     else:
         why = why or (f"each frame is computed while the website is built (about "
-                      f"{per_frame:.1f} s each here: {per_frame * (total - len(frames)):.0f} s "
-                      "more for the rest), and this page draws the settings the chapter "
+                      f"{per_frame:.1f} s each here, more for a setting whose experiment the "
+                      "chapter did not run), and this page draws the settings the chapter "
                       "discusses")
         note = (f"{len(frames)} of {total} settings drawn when this page was built. Not drawn: "
                 f"{missing}. Why: {why}. The notebook (Colab button at the top) draws every "
