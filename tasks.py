@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The book's two commands. Needs only Python 3.10+ on the machine.
 
-    python3 tasks.py book    build the website into _build/html
+    python3 tasks.py book    build the website into _build/html, and its PDFs (_build/html/pdf)
     python3 tasks.py test    run every test (unit tests, notebooks, book build, browser, lint)
 
 Both run each chapter once with nbval (tools/execute.py: pytest --nbval-lax, two chapters at a
@@ -66,16 +66,20 @@ def ensure_venv() -> None:
     STAMP.write_text(want)
 
 
-def ensure_chromium() -> None:
-    """The browser tests use Debian's chromium (never a browser downloaded by a test tool)."""
+def ensure_chromium(required: bool = True) -> bool:
+    """The browser tests and the PDFs use Debian's chromium (never a browser downloaded by a
+    test tool). Installs it with apt-get when root; otherwise exits (or, not ``required``,
+    returns False)."""
     if shutil.which("chromium"):
-        return
+        return True
     if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
         run("apt-get", "update", "-qq")
         run("apt-get", "install", "-y", "-qq", "chromium")
-    else:
-        sys.exit("chromium is missing: install Debian's package 'chromium' (apt-get install "
-                 "chromium) and run the tests again")
+        return True
+    if not required:
+        return False
+    sys.exit("chromium is missing: install Debian's package 'chromium' (apt-get install "
+             "chromium) and run the tests again")
 
 
 def env() -> dict[str, str]:
@@ -97,6 +101,13 @@ def book(args: list[str] = ()) -> None:
     run(BIN / "python", "-c", "import sys; sys.path.insert(0, 'tools'); import execute; "
         "sys.exit(any(r.error for r in execute.execute()))", env=env())
     run(BIN / "jupyter-book", "build", ".", "-W", "-n", "--keep-going", env=e)
+    # The PDFs (one per chapter, and the book's), printed from the built pages by chromium:
+    # about 40 s on two cores, so always (tools/pdf.py).
+    if ensure_chromium(required=False):
+        run(BIN / "python", ROOT / "tools" / "pdf.py", env=e)
+    else:
+        print("chromium is missing (apt-get install chromium): the website's PDF links "
+              "lead nowhere until tools/pdf.py runs")
     print(f"website: {ROOT / '_build' / 'html' / 'index.html'}"
           + (" (no solutions)" if "DEPTHLAB_NO_SOLUTIONS" in e else ""))
 

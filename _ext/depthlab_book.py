@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from docutils import nodes
+from sphinx.transforms.post_transforms import SphinxPostTransform
 from sphinx.util.docutils import SphinxDirective
 
 LEDGER_DOCNAME = "claims_ledger"
@@ -284,6 +285,92 @@ class BudgetTable(SphinxDirective):
         return node.children
 
 
+class RuntimeNode(nodes.General, nodes.Element):
+    """Where the landing page says how long the book takes to run (``book-runtime``)."""
+
+
+class BookRuntime(SphinxDirective):
+    """How long the whole book took to run when this site was built, and on what.
+
+    Taken from the execution records, never typed: each chapter's time is the one MyST-NB
+    reads from the execution cache (the same numbers as the execution statistics page), and
+    the machine is the one tools/execute.py stored beside it. The paragraph is made after
+    every page was read, and the page is re-written whenever a chapter ran again (MyST-NB
+    does that for pages it marks as having an execution table)."""
+
+    def run(self):
+        from myst_nb.sphinx_ import NbMetadataCollector
+
+        NbMetadataCollector.set_doc_data(self.env, self.env.docname, "has_exec_table", True)
+        return [RuntimeNode()]
+
+
+def _machines(app) -> dict[str, dict]:
+    """{chapter stem: the machine its cached execution ran on}."""
+    from jupyter_cache import get_cache
+
+    path = Path(app.config.nb_execution_cache_path or Path(app.outdir).parent / ".jupyter_cache")
+    if not path.is_absolute():
+        path = Path(app.srcdir) / path
+    if not path.exists():
+        return {}
+    return {Path(r.uri).stem: (r.data or {}).get("machine") or {}
+            for r in get_cache(str(path)).list_cache_records()}
+
+
+def runtime_text(runtimes: dict[str, float | None], machines: dict[str, dict]) -> str:
+    """The landing page's sentence: total, range, machine, and the time from start to end."""
+    measured = {c: t for c, t in runtimes.items() if t}
+    if not measured:
+        return "No chapter's running time was recorded in this build."
+    total = sum(measured.values())
+    fastest, slowest = min(measured, key=measured.get), max(measured, key=measured.get)
+    known = [m for c, m in machines.items() if c in measured and m]
+    text = (f"When this website was built, its {len(measured)} chapters took "
+            f"{total / 60:.0f} min of computing in all, from {measured[fastest]:.0f} s "
+            f"({fastest}) to {measured[slowest]:.0f} s ({slowest})")
+    if len(measured) < len(runtimes):
+        missing = sorted(set(runtimes) - set(measured))
+        text += f" (not recorded: {', '.join(missing)})"
+    if known:
+        m = known[0]
+        gpu = f"a {m['gpu']} GPU" if m.get("gpu") else "no GPU"
+        text += (f", on a {m.get('cores')}-core {m.get('cpu')} CPU with {gpu} ({m.get('system')}, "
+                 f"Python {m.get('python')}, PyTorch {m.get('torch')})")
+        jobs = int(m.get("jobs") or 1)
+        if jobs > 1:
+            text += (f", {jobs} chapters at a time with {m.get('threads')} torch thread each: "
+                     f"about {total / jobs / 60:.0f} min from start to end")
+        if any(k != m for k in known):
+            text += " (not every chapter ran on this machine)"
+    else:
+        text += " (the machine was not recorded)"
+    return text + ". "
+
+
+class RuntimePostTransform(SphinxPostTransform):
+    default_priority = 8                # as MyST-NB's execution table: after every page ran
+
+    def run(self, **kwargs) -> None:
+        from myst_nb.sphinx_ import NbMetadataCollector
+
+        if not any(True for _ in self.document.findall(RuntimeNode)):
+            return
+        data = NbMetadataCollector.get_doc_data(self.env)
+        chapters = sorted(d for d in self.env.found_docs if d.startswith("chapters/"))
+        runtimes = {d.split("/")[-1]: (data.get(d, {}).get("exec_data") or {}).get("runtime")
+                    for d in chapters}
+        text = runtime_text(runtimes, _machines(self.app))
+        for node in list(self.document.findall(RuntimeNode)):
+            para = nodes.paragraph(classes=["depthlab-runtime"])
+            para += nodes.strong(text="How long the whole book takes. ")
+            para += nodes.Text(text + "Each chapter's time is on the ")
+            uri = self.app.builder.get_relative_uri(self.env.docname, "status")
+            para += nodes.reference("", "execution statistics", refuri=uri, internal=True)
+            para += nodes.Text(" page.")
+            node.replace_self(para)
+
+
 def on_html_page_context(app, pagename, templatename, context, doctree) -> None:
     """Drop repeated <script> entries (an inline script has filename None or "").
 
@@ -345,11 +432,32 @@ def tidy_solutions(app, doctree) -> None:
             node.parent.remove(node)
 
 
+PDF_FOLDER = "pdf"                     # tools/pdf.py writes the PDFs into _build/html/pdf/
+BOOK_PDF = "deep-and-stable.pdf"
+
+
 def adjust_buttons(app, pagename, templatename, context, doctree) -> None:
     """The Colab button opens colab/NN_name.ipynb, the chapter converted for reading outside
     the book (tools/notebooks.py). A course build has no launch or download buttons: those
-    would give students the notebook with its solutions."""
+    would give students the notebook with its solutions.
+
+    The download menu's ".pdf" printed the page with the browser; it now links the PDFs that
+    tools/pdf.py prints from the built site (``tasks.py book``): on a chapter, the chapter's,
+    and on every page the whole book's."""
     buttons = context.get("header_buttons") or []
+    pathto = context.get("pathto")
+    for group in buttons:
+        if group.get("label") != "download-buttons" or pathto is None:
+            continue
+        kept = [b for b in group.get("buttons", []) if b.get("label") != "download-pdf-button"]
+        if pagename.startswith("chapters/"):
+            kept.append({"type": "link", "text": "chapter .pdf", "icon": "fas fa-file-pdf",
+                         "url": pathto(f"{PDF_FOLDER}/{pagename.split('/')[-1]}.pdf", 1),
+                         "tooltip": "This chapter as a PDF", "label": "download-chapter-pdf"})
+        kept.append({"type": "link", "text": "book .pdf", "icon": "fas fa-book",
+                     "url": pathto(f"{PDF_FOLDER}/{BOOK_PDF}", 1),
+                     "tooltip": "The whole book as a PDF", "label": "download-book-pdf"})
+        group["buttons"] = kept
     for group in buttons:
         if group.get("label") == "launch-buttons":
             for b in group.get("buttons", []):
@@ -376,4 +484,7 @@ def setup(app):
     app.add_directive("claims-ledger", ClaimsLedger)
     app.add_directive("coursework-table", CourseworkTable)
     app.add_directive("budget-table", BudgetTable)
+    app.add_node(RuntimeNode)
+    app.add_directive("book-runtime", BookRuntime)
+    app.add_post_transform(RuntimePostTransform)
     return {"parallel_read_safe": False, "parallel_write_safe": True, "version": "0.1"}

@@ -30,3 +30,18 @@ def book(executed):
     jb = Path(sys.executable).with_name("jupyter-book")
     return subprocess.run([str(jb), "build", ".", "-W", "-n", "--keep-going"], cwd=ROOT,
                           capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def pdfs(book):
+    """The book's PDFs printed from the built site (tools/pdf.py, as tasks.py book does):
+    the book's PDF, or the build's log when the site did not build."""
+    import pdf
+
+    assert book.returncode == 0, (book.stdout + book.stderr)[-3000:]
+    # its own process, as tasks.py book runs it (and Playwright's sync API cannot start inside
+    # the browser another test module holds open)
+    made = subprocess.run([sys.executable, str(ROOT / "tools" / "pdf.py")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert made.returncode == 0, (made.stdout + made.stderr)[-3000:]
+    return pdf.HTML / "pdf" / pdf.BOOK_PDF

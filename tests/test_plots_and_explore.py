@@ -42,10 +42,27 @@ def test_explorer_static_mode_draws_frames_for_the_website(monkeypatch):
     html = shown[0].data
     assert html.count("data:image/png;base64,") >= 4
     assert "data-control='depth'" in html and "data-key='depth=4|kind=a'" in html
+    assert "All 4 settings drawn" in html and "Not drawn" not in html
     calls.clear()
     explore.explorer(plot, {"depth": [2, 4], "kind": ["a", "b"]}, {"depth": 4}, static=True,
                      frames=[{"depth": 2, "kind": "b"}])             # only what was computed
     assert calls == [{"depth": 4, "kind": "a"}, {"depth": 2, "kind": "b"}]
+    # the page says which settings are missing, and why (here: measured, per frame)
+    assert "2 of 4 settings drawn" in shown[-1].data
+    assert "Not drawn: 2 other combinations of the values drawn. Why: each frame" in \
+        shown[-1].data
+
+
+def test_an_explorer_names_the_settings_it_did_not_draw():
+    controls = {"depth": [4, 8, 12, 24], "norm": ["none", "layer"], "init": ["torch", "xavier"]}
+    drawn = [{"depth": 12, "norm": n, "init": "torch"} for n in ("none", "layer")]
+    assert explore.missing_settings(controls, drawn) == "depth 4, 8, 24; init xavier"
+    drawn.append({"depth": 4, "norm": "none", "init": "xavier"})
+    assert explore.missing_settings(controls, drawn) == \
+        "depth 8, 24; 5 other combinations of the values drawn"   # of 2 × 2 × 2, 3 drawn
+    every = [{"depth": d, "norm": n, "init": i} for d in controls["depth"]
+             for n in controls["norm"] for i in controls["init"]]
+    assert explore.missing_settings(controls, every) == ""
 
 
 def test_explorer_live_mode_builds_widgets_that_redraw():

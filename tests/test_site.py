@@ -4,6 +4,7 @@ every page opened in headless Chromium."""
 import functools
 import html
 import http.server
+import itertools
 import json
 import shutil
 import threading
@@ -189,6 +190,24 @@ def test_an_explorer_responds_without_a_kernel(server, browser, chapter):
         box.locator(f"select[data-control='{name}']").select_option(value)
     assert names and img.get_attribute("src") == frames[target] != before
     assert img.is_visible()
+    # the note says which settings were not drawn, and why; choosing one says so too
+    options = {n: box.locator(f"select[data-control='{n}'] option").all_inner_texts()
+               for n in names}
+    total = 1
+    for values in options.values():
+        total *= len(values)
+    note = box.locator(".depthlab-explorer-note").inner_text()
+    if len(frames) == total:
+        assert f"All {total} settings drawn" in note, note
+    else:
+        assert f"{len(frames)} of {total} settings drawn" in note and "Why:" in note, note
+        undrawn = next(dict(zip(names, combo)) for combo in itertools.product(*options.values())
+                       if "|".join(f"{n}={v}" for n, v in zip(names, combo)) not in frames)
+        for name, value in undrawn.items():
+            box.locator(f"select[data-control='{name}']").select_option(value)
+        assert box.locator(".depthlab-explorer-missing").is_visible() and not img.is_visible()
+        assert "not drawn for the website (" in box.locator(".depthlab-explorer-missing")\
+            .inner_text()
     assert not errors, errors
     page.close()
 
@@ -216,3 +235,103 @@ def test_code_stays_within_the_page(server, browser):
         "els => els.filter(e => e.scrollWidth > e.clientWidth + 2).length")
     assert wide == 0, f"{wide} code blocks scroll sideways at 1280 px"
     page.close()
+
+
+# --------------------------------------------------------------------------------------------
+# No network: everything a page needs comes from the site itself
+# --------------------------------------------------------------------------------------------
+
+_TYPESET = ("() => (window.MathJax && MathJax.startup && MathJax.startup.promise)"
+            " ? MathJax.startup.promise.then(() => true) : false")
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_math_renders_with_every_request_outside_the_site_blocked(server, browser, chapter):
+    """A reader offline, on an intranet or under a strict content-security policy: every
+    formula is typeset by the MathJax the site serves, no raw TeX is left, and the page asks
+    nothing of any other server (fonts, scripts, styles, images)."""
+    context = browser.new_context()
+    outside: list[str] = []
+
+    def route(r):
+        if r.request.url.startswith(server):
+            r.continue_()
+        else:
+            outside.append(r.request.url)
+            r.abort()
+
+    context.route("**/*", route)
+    page = context.new_page()
+    page.goto(f"{server}/chapters/{chapter}.html", wait_until="load")
+    assert page.evaluate(_TYPESET), "MathJax did not load from the site"
+    typeset = page.locator("main mjx-container").count()
+    text = page.locator("main").inner_text()
+    raw = [m for m in ("\\[", "\\(", "$$", "\\begin{") if m in text]
+    print(f"{chapter}: {typeset} formulas typeset; requests outside the site: {outside}")
+    assert typeset >= 5, "the chapter's formulas were not typeset"
+    assert not raw, f"raw TeX left on the page: {raw}"
+    assert not outside, f"the page asks other servers for {outside}"
+    context.close()
+
+
+def test_the_math_renderer_is_the_sites_own_copy(build):
+    page = (HTML / "chapters" / "01_vanishing_gradients.html").read_text()
+    assert 'src="../_static/mathjax/tex-chtml.js' in page
+    assert "cdn.jsdelivr" not in page and "mathjax@" not in page
+    assert (HTML / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").is_dir()
+
+
+# --------------------------------------------------------------------------------------------
+# The book as PDF (tools/pdf.py)
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_book_pdf_has_every_chapter_its_claims_and_its_figures(pdfs):
+    from pypdf import PdfReader
+
+    book = PdfReader(str(pdfs))
+    titles = [o.title for o in book.outline]
+    assert titles[0] == "Deep & Stable" and len(titles) >= 1 + len(CHAPTERS), titles
+    chapter_pdfs = {c: PdfReader(str(HTML / "pdf" / f"{c}.pdf")) for c in CHAPTERS}
+    assert len(book.pages) > sum(len(r.pages) for r in chapter_pdfs.values()) >= 5 * len(CHAPTERS)
+    first = chapter_pdfs[CHAPTERS[0]]
+    text = " ".join(p.extract_text() for p in first.pages)
+    ledger = json.loads((ROOT / "_build" / "claims" / "ledger.json").read_text())["claims"]
+    claim = next(r for r in ledger if r["chapter"] == CHAPTERS[0])
+    assert claim["claim_id"] in text, "a claim box of chapter 0 is not in its PDF"
+    assert claim["statement"].split()[0] in text
+    assert sum(len(p.images) for p in first.pages) >= 1, "no figure in chapter 0's PDF"
+    # no navigation, buttons or controls: the theme's print rules hide the header and the
+    # sidebars; the book's (_static/depthlab.css) hide the rest, e.g. an explorer's controls
+    nav = [t for t in ("Search", "Ctrl+K", "Skip to main content", ".ipynb") if t in text]
+    assert not nav, nav
+    page = (HTML / "chapters" / f"{CHAPTERS[0]}.html").read_text()
+    key = page.split("depthlab-explorer-frame", 1)[1].split("data-key='", 1)[1].split("'")[0]
+    controls = " ".join(pair.replace("=", " ") for pair in key.split("|"))   # "depth 12 ..."
+    assert controls not in " ".join(text.split()), "the explorer's controls were printed"
+
+
+def test_each_chapter_and_the_landing_page_link_the_pdfs(pdfs):
+    for chapter in CHAPTERS:
+        page = (HTML / "chapters" / f"{chapter}.html").read_text()
+        for href in (f"../pdf/{chapter}.pdf", f"../pdf/{pdfs.name}"):
+            assert f'href="{href}"' in page, f"{chapter} does not link {href}"
+            assert (HTML / "chapters" / href).resolve().is_file()
+    index = (HTML / "index.html").read_text()
+    assert f'href="pdf/{pdfs.name}"' in index
+
+
+def test_the_landing_page_says_how_long_the_book_takes_from_the_execution_records(build):
+    """The sentence is made from the cache's records (times and machine), never typed."""
+    from jupyter_cache import get_cache
+
+    records = get_cache(str(ROOT / "_build" / ".jupyter_cache")).list_cache_records()
+    seconds = {Path(r.uri).stem: r.data["execution_seconds"] for r in records
+               if Path(r.uri).stem in CHAPTERS}
+    index = (HTML / "index.html").read_text()
+    sentence = index.split('class="depthlab-runtime"', 1)[1].split("</p>", 1)[0]
+    assert f"{sum(seconds.values()) / 60:.0f} min of computing" in sentence
+    assert f"{max(seconds.values()):.0f} s ({max(seconds, key=seconds.get)})" in sentence
+    machine = next(r.data.get("machine") for r in records)
+    if machine:
+        assert f"{machine['cores']}-core" in sentence and machine["torch"] in sentence

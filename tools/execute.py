@@ -202,6 +202,7 @@ def execute(selected: list[Path] | None = None, *, jobs: int = 2, ledger: Path |
         else:
             todo.append(path)
     env = kernel_env(ledger, offset=offset, jobs=jobs, raise_claims=raise_claims)
+    where = None
     if todo:
         log(f"executing {len(todo)} chapter(s), {jobs} at a time")
         todo.sort(key=stated_seconds, reverse=True)          # longest first (see above)
@@ -215,7 +216,8 @@ def execute(selected: list[Path] | None = None, *, jobs: int = 2, ledger: Path |
                 results.append(Result(path.stem, seconds, error, target))
                 log(f"  {path.stem}: {seconds:.1f} s" + (" FAILED" if error else ""))
                 if cache is not None and error is None:
-                    _store(cache, path, nbformat.reads(text, as_version=4), seconds)
+                    where = where or machine(jobs)
+                    _store(cache, path, nbformat.reads(text, as_version=4), seconds, where)
                     # Sphinx re-reads a page only when its source changed: forget the saved
                     # environment so that every page is read again from the cache (cheap:
                     # nothing executes).
@@ -240,14 +242,37 @@ def _fresh_cache():
     return get_cache(str(CACHE))
 
 
-def _store(cache, path: Path, executed, seconds: float) -> None:
-    """Add an executed notebook to the cache exactly as MyST-NB itself would."""
+def machine(jobs: int) -> dict:
+    """What a chapter ran on, stored with its time in the cache (the landing page says it:
+    _ext/depthlab_book.py's ``book-runtime``)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": " ".join(cpu.split()), "cores": os.cpu_count(), "jobs": jobs,
+            "threads": 1 if jobs > 1 else torch.get_num_threads(), "gpu": gpu,
+            "system": f"{platform.system()} {platform.machine()}",
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def _store(cache, path: Path, executed, seconds: float, where: dict | None = None) -> None:
+    """Add an executed notebook to the cache exactly as MyST-NB itself would (its time, as
+    MyST-NB stores it, and the machine it ran on)."""
     import nbformat
     from jupyter_cache.base import CacheBundleIn
 
     record = cache.add_nb_to_project(str(path))
-    stored = cache.cache_notebook_bundle(CacheBundleIn(executed, record.uri,
-                                                       data={"execution_seconds": seconds}),
+    data = {"execution_seconds": seconds, "machine": where or {}}
+    stored = cache.cache_notebook_bundle(CacheBundleIn(executed, record.uri, data=data),
                                          check_validity=False, overwrite=True)
     # The build looks the chapter up by the hash of its source; if that is not what was just
     # stored, it would execute the chapter again without a word: say so here instead.
