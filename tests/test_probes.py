@@ -104,3 +104,42 @@ def test_a_down_weighted_branch_is_a_smaller_learning_rate(beta):
         assert (down - branch_after_one_step(beta * w, 1.0, 0.01 * wrong, opt)).abs().max() > 1e-4
     with pytest.raises(ValueError, match="optimizer"):
         branch_after_one_step(w, beta, 0.01, "lbfgs")
+
+
+def test_attention_logit_gradients_match_a_block_written_out_and_vanish_when_attention_collapses():
+    """∂L/∂z of the attention logits, against the same one-block model written out here with
+    its logits as a leaf of the graph; then the query and key weights ×30 make every row of
+    attention (nearly) one-hot, and the softmax passes back decades less (chapter 8)."""
+    from depthlab.losses import loss_and_accuracy
+    from depthlab.probes import attention_logit_gradients
+
+    cfg = dl.TransformerConfig(d_model=8, n_heads=2, n_layers=1, vocab_size=5, max_len=6,
+                               bias=False, mlp_ratio=2.0, init="fan_in")
+    model = dl.SequenceModel(cfg, seed=0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 5, (3, 6), generator=g), torch.randint(0, 5, (3, 6), generator=g)
+    block, attn = model.layers[0], model.layers[0].attn
+
+    def heads(t):                                           # (B, T, D) -> (B, H, T, Dh)
+        return t.view(3, 6, 2, 4).transpose(1, 2)
+
+    h0 = model.tok_emb(x) + model.pos_emb(torch.arange(6))
+    q, k, v = attn.qkv(block.norm1(h0)).split(8, dim=-1)
+    z = (heads(q) @ heads(k).transpose(-1, -2) / 2.0).masked_fill(
+        torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))      # √Dh = 2
+    z.retain_grad()
+    mixed = (z.softmax(-1) @ heads(v)).transpose(1, 2).reshape(3, 6, 8)
+    h1 = h0 + attn.proj(mixed)
+    h2 = h1 + block.mlp(block.norm2(h1))
+    loss_and_accuracy(model.head(model.encoder.final_norm(h2)), y)[0].backward()
+    want = float(z.grad[torch.isfinite(z)].double().pow(2).mean().sqrt())
+    model.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    got = attention_logit_gradients(model, (x, y))
+    assert got.shape == (1,) and got[0] == pytest.approx(want, rel=1e-4)
+    assert attn.logit_taps is None and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with torch.no_grad():
+        attn.qkv.weight[:16].mul_(30.0)                     # queries and keys: logits ×900
+    assert attention_logit_gradients(model, (x, y))[0] < 1e-2 * got[0]

@@ -277,6 +277,9 @@ class SelfAttention(nn.Module):
         d_head = d_model // n_heads
         self.q_norm = LayerNorm(d_head, norm_eps) if qk_norm else nn.Identity()
         self.k_norm = LayerNorm(d_head, norm_eps) if qk_norm else nn.Identity()
+        # None, or a list (probes.attention_logit_gradients): while it is a list, the forward
+        # pass runs the written-out softmax and keeps its logits, in the graph, in the list
+        self.logit_taps: list[Tensor] | None = None
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, D = x.shape
@@ -294,7 +297,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
         q, k, v = self._heads(x)
-        if self.sdpa:
+        if self.sdpa and self.logit_taps is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=self.causal,
                 dropout_p=self.dropout if self.training else 0.0)   # (B, H, T, Dh)
@@ -313,6 +316,9 @@ class SelfAttention(nn.Module):
         if self.causal:
             future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))
+        if self.logit_taps is not None and scores.requires_grad:
+            scores.retain_grad()                                    # keep ∂L/∂z for the probe
+            self.logit_taps.append(scores)
         return scores
 
     def _softmax(self, q: Tensor, k: Tensor) -> Tensor:

@@ -168,6 +168,38 @@ def attention_weight_gradients(model: nn.Module, batch: tuple[Tensor, Tensor]) -
     return {k: np.array(v) for k, v in out.items()}
 
 
+def attention_logit_gradients(model: nn.Module, batch: tuple[Tensor, Tensor]) -> np.ndarray:
+    """RMS of the loss gradient with respect to each attention's logits, for one batch.
+
+    Returns (L,) float64, one entry per ``SelfAttention`` in order: the root-mean-square of
+    ∂L/∂z over the logits z = q·k/√Dh that a token may see (the future of a causal model
+    excluded). It is what the softmax passes back towards the queries and keys: its Jacobian
+    diag(p) − ppᵀ vanishes when every row of attention is one-hot, so a collapsed attention
+    (Zhai et al. 2023's entropy collapse) gets almost no gradient through its logits
+    (chapter 8). The forward pass runs the written-out softmax (``SelfAttention.logit_taps``),
+    the same function as the fused kernel to float round-off. The model is left untouched.
+    """
+    model = unwrap(model)
+    attns = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    if not attns:
+        raise ValueError(f"{type(model).__name__} has no depthlab SelfAttention")
+    out = []
+    with untouched(model):
+        for a in attns:
+            a.logit_taps = []
+        try:
+            backward(model, batch)
+            for a in attns:
+                z = a.logit_taps[-1]                               # (B, H, T, T)
+                seen = torch.isfinite(z.detach())
+                g = z.grad.detach().double()[seen]
+                out.append(float(g.pow(2).mean().sqrt()))
+        finally:
+            for a in attns:
+                a.logit_taps = None
+    return np.array(out)
+
+
 def path_gradient_norms(model: nn.Module, batch: tuple[Tensor, Tensor], *,
                         samples: int = 20, seed: int = 0) -> np.ndarray:
     """Veit et al.'s measure: how much gradient flows along residual paths of each length.
