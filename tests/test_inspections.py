@@ -63,12 +63,16 @@ MLP_INSPECTIONS = {
     "parameter_gradients": lambda m, b: measure.parameter_gradients(m, b),
     "output_change": lambda m, b: measure.output_change(m, b, b[0].flip(0)),
     "diagnose": lambda m, b: doctor.diagnose(m, b),
+    "doctor": lambda m, b: dl.doctor(m, b),
     "gradient_precision": lambda m, b: precision.gradient_precision(m, b, torch.bfloat16),
 }
 TRANSFORMER_INSPECTIONS = {
     "attention_maps": lambda m, b: probes.attention_maps(m, b[0]),
     "gradient_profile": lambda m, b: dl.gradient_profile(m, [b]),
     "diagnose": lambda m, b: doctor.diagnose(m, b),
+    "doctor": lambda m, b: dl.doctor(m, b),
+    "doctor on a data source": lambda m, b: dl.doctor(m, dl.data.TensorData(*b, batch_size=4,
+                                                                         seed=0), steps=2),
 }
 
 

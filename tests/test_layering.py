@@ -8,6 +8,8 @@ at the top of a module; one inside a function must say why (a heavy optional imp
 """
 
 import ast
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -102,9 +104,13 @@ def test_imports_inside_functions_say_why():
 
 def test_no_module_is_shadowed_by_a_function_of_the_same_name():
     """``import depthlab.train`` once returned the function ``train``: module and function
-    names must differ, so that ``dl.<name>`` is always the same thing."""
+    names must differ, so that ``dl.<name>`` is always the same thing. A module may be a
+    ``ModuleType`` subclass that is also callable (``dl.doctor(model, batch)``): it is still
+    the module, with everything in it."""
     for name in dl.MODULES:
-        assert type(getattr(dl, name)).__name__ == "module", name
+        mod = getattr(dl, name)
+        assert isinstance(mod, types.ModuleType), name
+        assert mod is sys.modules[f"depthlab.{name}"], name
 
 
 @pytest.mark.parametrize("module", dl.MODULES)

@@ -41,7 +41,6 @@ from .claims import ClaimBook, above, below, between  # noqa: E402
 from .config import ConfigError, MLPConfig, TrainConfig, TransformerConfig  # noqa: E402
 from .data import CharText, Digits, SequenceTask  # noqa: E402
 from .devices import pick_device  # noqa: E402
-from .doctor import diagnose  # noqa: E402
 from .interop import config_from_torch_layer, load_torch_encoder_layer, torch_parity  # noqa: E402
 from .losses import IGNORE, DataError  # noqa: E402
 from .measure import LayerProfile, find_layers, gradient_profile, record, token_similarity  # noqa: E402
@@ -64,7 +63,7 @@ __all__ = [
     "Block", "Callback", "CharText", "ClaimBook", "ConfigError", "DataError", "DeepMLP",
     "Digits", "Encoder", "History", "IGNORE", "LayerGradNorms", "LayerProfile", "MLPConfig",
     "Run", "SequenceModel", "SequenceTask", "TrainConfig", "TransformerConfig", "UpdateRatio",
-    "above", "below", "between", "config_from_torch_layer", "diagnose", "evaluate",
+    "above", "below", "between", "config_from_torch_layer", "evaluate",
     "find_layers", "gradient_profile", "init_weights", "load_torch_encoder_layer",
     "pick_device", "record", "seeds", "sweep", "token_similarity", "torch_parity", "train",
     "train_and_evaluate", "train_grid", "train_group", "__version__",

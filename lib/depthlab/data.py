@@ -123,6 +123,46 @@ class SequenceTask:
 
 
 @dataclass(frozen=True)
+class PreviousToken:
+    """Random tokens; the target at every position is the token before it (none at the first).
+
+    Learnable by any sequence model that can attend one position back, causal (GPT-2, Llama)
+    or bidirectional (BERT), and by nothing else: the tokens are uniform, so a model that
+    ignores its input stays at the loss of uniform guessing, ln ``vocab``. The probe task of
+    chapter 9 and of ``python -m depthlab.doctor --hf``. inputs, targets: (B, ``length``) int64.
+    """
+
+    vocab: int = 32
+    length: int = 16
+    batch_size: int = 16
+    seed: int | None = None    # None = depthlab.seeding.default_seed()
+
+    def __post_init__(self) -> None:
+        _default_seed(self)
+        for name, low in (("vocab", 2), ("length", 2), ("batch_size", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"PreviousToken.{name}={v!r} must be an integer >= {low}")
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """A fresh batch drawn with ``generator``."""
+        x = torch.randint(0, self.vocab, (batch_size, self.length), generator=generator)
+        y = torch.roll(x, 1, dims=1)                           # (B, T): y[:, t] = x[:, t - 1]
+        y[:, 0] = IGNORE                                       # nothing before the first
+        return x, y
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The training batch of ``step`` (the same for the same seed and step)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return self.sample(self.batch_size, g)
+
+    def eval_batch(self, size: int = 256) -> tuple[Tensor, Tensor]:
+        """A held-out batch, drawn from a stream no training step uses."""
+        g = torch.Generator().manual_seed(-(self.seed + 1) & 0x7FFF_FFFF)
+        return self.sample(size, g)
+
+
+@dataclass(frozen=True)
 class CharText:
     """Next-character prediction on text that ships with Python: the help topics of
     ``pydoc_data.topics`` (about 0.5 M characters; nothing downloaded). Chapter 8.

@@ -15,6 +15,22 @@ from torch import Tensor
 IGNORE = -100  # target value that the loss and accuracy skip (PyTorch's ignore_index)
 
 
+def logits_of(output) -> Tensor:
+    """The logits in a model's output: the output itself when it is a tensor, its ``.logits``
+    (a Hugging Face ``ModelOutput``), or the first element of a tuple. Lets the loss, the loop
+    and every measurement take a Hugging Face model as it is (chapter 9)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"the model returned {type(output).__name__}, which holds no logits: "
+                    "return a tensor, a tuple whose first element is the logits, or an object "
+                    "with .logits")
+
+
 class DataError(ValueError):
     """A batch the loss cannot be computed on: empty, every target ``IGNORE``, or too small to
     give every process a share."""

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .devices import device_of, rng_devices, to_model
-from .losses import log_partition, loss_and_accuracy
+from .losses import log_partition, logits_of, loss_and_accuracy
 
 SaturationRule = Callable[[Tensor], Tensor]
 
@@ -69,8 +69,10 @@ def find_layers(model: nn.Module) -> list[nn.Module]:
 
     ``model.layers`` if it has one; otherwise the shallowest ``nn.ModuleList`` (or
     ``nn.Sequential``) of at least two modules of one type, i.e. the stack of blocks rather
-    than, say, the heads inside each block. Raises naming the candidates when two lists are
-    equally shallow, or when there is none: then pass ``layers=[...]`` yourself.
+    than, say, the heads inside each block: Hugging Face's GPT-2 (``transformer.h``), BERT
+    (``bert.encoder.layer``) and Llama (``model.layers``) are found this way (chapter 9).
+    Raises naming the candidates when two lists are equally shallow, or when there is none:
+    then pass ``layers=[...]`` yourself.
     """
     model = unwrap(model)
     layers = getattr(model, "layers", None)
@@ -82,8 +84,10 @@ def find_layers(model: nn.Module) -> list[nn.Module]:
                 and len({type(child) for child in m}) == 1):
             candidates.append((name.count(".") + 1 if name else 0, name or "(the model)", m))
     if not candidates:
-        raise ValueError(f"{type(model).__name__} has no list of repeated layers "
-                         "(nn.ModuleList of one module type); pass layers=[...] explicitly")
+        raise ValueError(f"{type(model).__name__} has no list of repeated layers: looked for "
+                         "model.layers and for an nn.ModuleList or nn.Sequential of two or more "
+                         "modules of one type (GPT-2's transformer.h, BERT's encoder.layer); "
+                         "pass layers=[block, block, ...] explicitly")
     shallowest = min(c[0] for c in candidates)
     top = [c for c in candidates if c[0] == shallowest]
     if len(top) > 1:
@@ -170,7 +174,7 @@ def backward(model: nn.Module, batch: tuple[Tensor, Tensor], *,
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
                 else contextlib.nullcontext())
     with autocast:
-        logits = model(to_model(model, inputs))
+        logits = logits_of(model(to_model(model, inputs)))
     loss, _ = loss_and_accuracy(logits.float(), targets.to(device))
     (loss * loss_scale).backward()
 
@@ -383,7 +387,7 @@ def gradient_profile(model: nn.Module, batch, *,
                                   keep_samples=keep_samples) as rec:
         for x, y in batches:
             model.zero_grad(set_to_none=True)
-            loss = loss_fn(model(to_model(model, x)), to_model(model, y))
+            loss = loss_fn(logits_of(model(to_model(model, x))), to_model(model, y))
             loss.backward()
             wsum += np.array(layer_grad_norms(layers, weight))
     profile = rec.profile(wsum / len(batches))
@@ -478,37 +482,58 @@ def parameter_gradients(model: nn.Module, batch: tuple[Tensor, Tensor]) -> list[
                 for p in model.parameters()]
 
 
+def activation_kind(module: nn.Module) -> str | None:
+    """"relu", "gelu", "silu", "tanh" or "sigmoid" for an activation module, else None.
+
+    PyTorch's own classes, and by class name those of other libraries: Hugging Face's
+    ``GELUActivation``, ``NewGELUActivation`` (GPT-2), ``GELUTanh``, ``QuickGELUActivation``,
+    ``SiLUActivation`` (Llama) are GELU and SiLU under other names (chapter 9)."""
+    for cls, kind in ((nn.ReLU, "relu"), (nn.GELU, "gelu"), (nn.SiLU, "silu"),
+                      (nn.Tanh, "tanh"), (nn.Sigmoid, "sigmoid")):
+        if isinstance(module, cls):
+            return kind
+    name = type(module).__name__.lower()
+    for part, kind in (("gelu", "gelu"), ("silu", "silu"), ("swish", "silu"), ("relu", "relu"),
+                       ("tanh", "tanh"), ("sigmoid", "sigmoid")):
+        if part in name and not list(module.parameters()):
+            return kind
+    return None
+
+
+def activation_modules(layer: nn.Module) -> list[nn.Module]:
+    """The activation modules inside ``layer`` (``activation_kind`` is not None), in order."""
+    return [m for m in layer.modules() if activation_kind(m) is not None]
+
+
 def activation_saturation(model: nn.Module, batch, *,
                           layers: Sequence[nn.Module] | None = None) -> np.ndarray:
     """(L,) fraction of saturated or dead units among each layer's activation modules.
 
-    ReLU and GELU: units that are off (output 0, or input below -3 for GELU) for *every*
-    example and token of the batch: dead units, whose gradient is zero (a ReLU that is off for
-    half the inputs is working normally). tanh: entries with |output| > 0.99; sigmoid: entries
-    outside [0.01, 0.99]. NaN for a layer without such modules (e.g. a model that calls
-    ``F.relu`` directly, which hooks cannot see). The model is left untouched.
+    ReLU, GELU and SiLU: units that are off (output 0, or input below -3 for GELU and SiLU)
+    for *every* example and token of the batch: dead units, whose gradient is zero (a ReLU
+    that is off for half the inputs is working normally). tanh: entries with |output| > 0.99;
+    sigmoid: entries outside [0.01, 0.99]. NaN for a layer without such modules (e.g. a model
+    that calls ``F.relu`` directly, which hooks cannot see). Activation modules are found by
+    ``activation_kind`` (Hugging Face's too). The model is left untouched.
     """
     model = unwrap(model)
     layers = list(layers) if layers is not None else find_layers(model)
     fractions: list[list[float]] = [[] for _ in layers]
     handles = []
 
-    def watch(i: int, module: nn.Module):
+    def watch(i: int, module: nn.Module, kind: str):
         def hook(mod, args, out):
-            if isinstance(mod, (nn.ReLU, nn.GELU)):
-                off = (out <= 0) if isinstance(mod, nn.ReLU) else (args[0] < -3)
+            if kind in ("relu", "gelu", "silu"):
+                off = (out <= 0) if kind == "relu" else (args[0] < -3)
                 frac = off.reshape(-1, off.shape[-1]).all(dim=0).double().mean()   # dead units
-            elif isinstance(mod, nn.Tanh):
-                frac = SATURATION_RULES["tanh"](out)
             else:
-                frac = SATURATION_RULES["sigmoid"](out)
+                frac = SATURATION_RULES[kind](out)
             fractions[i].append(float(frac))
         return module.register_forward_hook(hook)
 
     for i, layer in enumerate(layers):
-        for m in layer.modules():
-            if isinstance(m, (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid)):
-                handles.append(watch(i, m))
+        for m in activation_modules(layer):
+            handles.append(watch(i, m, activation_kind(m)))
     run_once(model, to_model(model, inputs_of(batch)), handles)
     return np.array([float(np.mean(f)) if f else math.nan for f in fractions])
 
@@ -534,7 +559,8 @@ def activation_memory(model: nn.Module, batch: tuple[Tensor, Tensor]) -> int:
 
     inputs, targets = batch
     with untouched(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = loss_and_accuracy(model(to_model(model, inputs)), to_model(model, targets))
+        loss, _ = loss_and_accuracy(logits_of(model(to_model(model, inputs))),
+                                    to_model(model, targets))
         del loss                                              # free the graph
     return sum(kept.values())
 
@@ -556,32 +582,51 @@ def output_change(model: nn.Module, batch, changed: Tensor, *, at=0,
     with untouched(model):
         model.train(train_mode)
         inputs = inputs_of(batch)
-        return (model(inputs)[at] - model(changed)[at]).abs().max().item()
+        return (logits_of(model(inputs))[at] - logits_of(model(changed))[at]).abs().max().item()
 
 
 @torch.no_grad()
-def output_change_under_update(model: nn.Module, batch, step: float, *,
-                               seed: int = 0) -> float:
+def output_change_under_update(model: nn.Module, batch, step, *, seed: int = 0,
+                               direction: Sequence[Tensor] | None = None):
     """RMS change of the model's output when every parameter moves by ±``step`` (random signs):
     the size of one Adam update of learning rate ``step``, in a random direction.
 
     Liu et al. (2020) show that the output change caused by such an update grows like O(N)
     with the number of blocks N in Post-LN and like O(log N) in Pre-LN ("amplification",
-    chapter 5). The model is left untouched."""
+    chapter 5). ``direction`` (one tensor per parameter, in ``model.parameters()`` order)
+    replaces the random signs: the parameters move by ``step · direction``, e.g. the update
+    of one optimiser step divided by its learning rate (Adam's first step is lr·g/(|g| + ε),
+    so that direction serves every learning rate; chapter 9). ``step`` may be a list: then
+    the output is compared at each size, from one forward pass before, and an array comes
+    back. The model is left untouched."""
     model = unwrap(model)
     g = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    if direction is not None and len(direction) != len(params):
+        raise ValueError(f"direction has {len(direction)} tensors; the model has "
+                         f"{len(params)} parameters")
+    sizes = [float(step)] if np.ndim(step) == 0 else [float(v) for v in step]
+    changes = []
     with untouched(model):
         model.eval()
         x = to_model(model, inputs_of(batch))
-        before = model(x).double()
-        saved = [p.detach().clone() for p in model.parameters()]
-        for p in model.parameters():
-            signs = torch.randint(0, 2, p.shape, generator=g).to(p.device, p.dtype) * 2 - 1
-            p.add_(step * signs)
-        after = model(x).double()
-        for p, old in zip(model.parameters(), saved):
-            p.copy_(old)
-    return float((after - before).pow(2).mean().sqrt())
+        before = logits_of(model(x)).double()
+        saved = [p.detach().clone() for p in params]
+        if direction is None:
+            direction = [(torch.randint(0, 2, p.shape, generator=g) * 2 - 1).to(p.device, p.dtype)
+                         for p in params]
+        else:
+            direction = [d.to(p.device, p.dtype) for p, d in zip(params, direction)]
+        try:
+            for size in sizes:
+                for p, old, d in zip(params, saved, direction):
+                    p.copy_(old + size * d)
+                after = logits_of(model(x)).double()
+                changes.append(float((after - before).pow(2).mean().sqrt()))
+        finally:
+            for p, old in zip(params, saved):
+                p.copy_(old)
+    return changes[0] if np.ndim(step) == 0 else np.array(changes)
 
 
 @contextlib.contextmanager
@@ -631,9 +676,79 @@ def attention_logit_stats(model: nn.Module, batch) -> tuple[np.ndarray, np.ndarr
     return np.array(biggest), np.array(entropy)
 
 
+def attention_probabilities(model: nn.Module, batch) -> list[Tensor]:
+    """The attention matrix of every attention layer, in order: (B, H, T, T) each, in
+    float64 on the CPU, for one batch; the model untouched.
+
+    depthlab's attention modules (any submodule with ``attention_weights(x)``) are read
+    directly. A Hugging Face model is asked for its attentions (``output_attentions=True``),
+    with the eager attention implementation switched on for the call (the fused kernels never
+    form the matrix) and switched back after it. Raises ``ValueError`` saying so when neither
+    works: then the attention is not readable from outside (chapter 9). Read in eval mode (no
+    dropout on the probabilities); the model is left untouched.
+    """
+    model = unwrap(model)
+    x = to_model(model, inputs_of(batch))
+    own = [m for m in model.modules() if callable(getattr(m, "attention_weights", None))]
+    if own:
+        maps: list[Tensor] = []
+
+        def keep(module, args):
+            maps.append(module.attention_weights(args[0]).detach().double().cpu())
+
+        with untouched(model):
+            model.eval()
+            run_once(model, x, [m.register_forward_pre_hook(keep) for m in own])
+        return maps
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "output_attentions"):
+        raise ValueError(f"{type(model).__name__} has no attention module with "
+                         "attention_weights(x) and is not a Hugging Face model: its attention "
+                         "is not readable")
+    before = getattr(config, "_attn_implementation", None)
+    switch = before != "eager" and callable(getattr(model, "set_attn_implementation", None))
+    out = None
+    try:
+        if switch:
+            model.set_attn_implementation("eager")
+        with untouched(model), torch.no_grad():
+            model.eval()
+            out = model(x, output_attentions=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{type(model).__name__} did not return its attentions ({exc}): "
+                         "its attention is not readable") from None
+    finally:
+        if switch:
+            model.set_attn_implementation(before)
+    found = getattr(out, "attentions", None)
+    if not found or any(not isinstance(a, Tensor) for a in found):
+        raise ValueError(f"{type(model).__name__} returned no attention matrices (its attention "
+                         "implementation does not form them): not readable")
+    return [a.detach().double().cpu() for a in found]
+
+
+def attention_entropy(maps: Sequence[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Per attention matrix (B, H, T, T): the mean entropy of its rows in nats, and the mean
+    entropy of uniform attention over the positions a row may see: ln(i + 1) for row i of a
+    causal matrix (nothing above the diagonal), ln T otherwise. Their ratio is 1 for uniform
+    attention and 0 for attention on one position (entropy collapse; chapter 8). Visibility
+    is read from the mask's shape, not from which entries are 0: a collapsed row's
+    probabilities underflow to 0 and must not shrink the reference."""
+    entropy, uniform = [], []
+    for a in maps:
+        p = a.double()
+        plogp = torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))
+        entropy.append(float(-plogp.sum(-1).mean()))
+        T = p.shape[-1]
+        causal = T > 1 and bool((p.triu(1) == 0).all())
+        rows = torch.arange(1, T + 1, dtype=torch.float64) if causal else torch.full((T,), T)
+        uniform.append(float(rows.double().log().mean()))
+    return np.array(entropy), np.array(uniform)
+
+
 def output_log_partition(model: nn.Module, batch) -> Tensor:
     """log Z of the model's output logits at every position of the batch's inputs: (B, T) in
     float64, the model untouched (``losses.log_partition``; chapter 8)."""
     with isolated(model), torch.no_grad():
-        logits = model(to_model(model, inputs_of(batch)))
+        logits = logits_of(model(to_model(model, inputs_of(batch))))
     return log_partition(logits.detach().double())

@@ -42,7 +42,7 @@ from .config import TrainConfig
 from .devices import autocast_context, device_of, pick_device, resolve_amp, rng_devices
 from .distributed import data_parallel_world, shard, whole_batch_objective
 from .grouped import GroupError, Stack, StackedOptimizer, obstacle
-from .losses import IGNORE, DataError, loss_and_accuracy, objective
+from .losses import IGNORE, DataError, logits_of, loss_and_accuracy, objective
 
 ARITHMETIC_LOG_ENV = "DEPTHLAB_ARITHMETIC_LOG"
 
@@ -327,7 +327,7 @@ class _One:
             targets = shard(targets, self.rank, self.world, step)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         with autocast_context(self.device, self.cfg.amp):
-            logits = self.forward(inputs)
+            logits = logits_of(self.forward(inputs))     # a Hugging Face model's .logits
         if self.world > 1:
             minimised, loss, acc = whole_batch_objective(logits, targets, self.world,
                                                          self.cfg.z_loss)
@@ -647,7 +647,7 @@ def evaluate(model: nn.Module, inputs: Tensor, targets: Tensor, *,
             n = int((y != IGNORE).sum())
             if n == 0:
                 continue
-            loss, acc = loss_and_accuracy(target(x.to(device)), y.to(device))
+            loss, acc = loss_and_accuracy(logits_of(target(x.to(device))), y.to(device))
             losses += loss.item() * n
             hits += acc.item() * n
             counted += n
