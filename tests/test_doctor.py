@@ -1,12 +1,14 @@
 """The doctor (chapter 9) on real architectures built from configurations: Hugging Face's
 GPT-2, BERT and Llama with random weights (nothing is downloaded) and a nanoGPT-style model
 written here. Healthy models get no problem; each broken one is named; the model is left
-exactly as found; the recommended fix trains.
+exactly as found; the recommended fix trains; the command line's exit status says it.
 """
 
 import json
 import math
 import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -326,3 +328,34 @@ def test_doctor_is_a_module_and_callable():
     assert isinstance(dl.doctor, types.ModuleType)
     assert dl.doctor.coord_check is dl.probes.coordinate_check
     assert callable(dl.doctor) and dl.doctor.examine is doctor.examine
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+def test_command_line_with_a_factory_and_with_a_hugging_face_config(tmp_path, monkeypatch):
+    (tmp_path / "mymodels.py").write_text(
+        "import depthlab as dl\n"
+        "def broken():\n"
+        "    cfg = dl.TransformerConfig(d_model=32, n_heads=4, n_layers=24, vocab_size=32,\n"
+        "                               max_len=16, residual=False, norm_placement='none',\n"
+        "                               norm_kind='none')\n"
+        "    return dl.SequenceModel(cfg, seed=0)\n"
+        "def healthy():\n"
+        "    m = dl.SequenceModel(dl.TransformerConfig(d_model=32, n_heads=4, n_layers=2,\n"
+        "                         vocab_size=32, max_len=16), seed=0)\n"
+        "    return m, dl.data.PreviousToken(vocab=32, seed=0).batch(0)\n")
+    monkeypatch.chdir(tmp_path)
+    assert doctor.main(["mymodels:broken", "--steps", "0", "--figure", "b.png"]) == 1
+    assert (tmp_path / "b.png").stat().st_size > 10_000
+    assert doctor.main(["mymodels:healthy", "--figure", "", "--json", "h.json"]) == 0
+    assert json.loads((tmp_path / "h.json").read_text())["ok"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DEPTHLAB_QUIET="1")
+    done = subprocess.run([sys.executable, "-m", "depthlab.doctor", "--hf", "gpt2", "--set",
+                           "n_layer=2", "--set", "n_embd=64", "--set", "n_head=4", "--set",
+                           "vocab_size=32", "--steps", "5", "--json", "g.json"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "GPT2LMHeadModel, 2 blocks (transformer.h)" in done.stdout
+    assert json.loads((tmp_path / "g.json").read_text())["ok"]
+    assert (tmp_path / "doctor.png").exists()

@@ -13,13 +13,17 @@ initialisation (chapters 5, 6, 9).
 
 ``depthlab.doctor`` is a module and also callable: ``dl.doctor(...)`` is ``examine(...)``;
 ``dl.doctor.coord_check(build, widths, data, cfg)`` is μP's coordinate check
-(``probes.coordinate_check``, chapter 8).
+(``probes.coordinate_check``, chapter 8); ``python -m depthlab.doctor`` is its command line.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import importlib
+import json
 import math
+import os
 import sys
 import textwrap
 import types
@@ -33,6 +37,7 @@ from torch import Tensor, nn
 from . import plots
 from .callbacks import UpdateRatio
 from .config import TrainConfig
+from .data import PreviousToken
 from .devices import device_of, rng_devices, to_model
 from .losses import IGNORE, logits_of, loss_and_accuracy
 from .measure import (
@@ -57,7 +62,6 @@ from .training import lr_at, make_optimizer, set_lr, train
 
 VERDICTS = ("fine", "warning", "problem", "not measured")
 EARLY_STEPS = 20          # optimiser steps of the early-steps probe (a data source only)
-STEP_SIZES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)   # first-step sizes tried
 
 coord_check = coordinate_check            # dl.doctor.coord_check: μP's coordinate check
 
@@ -331,10 +335,12 @@ def _is_norm(module: nn.Module) -> bool:
             or name.endswith("Norm") or "LayerNorm" in name or "RMSNorm" in name)
 
 
-def _structure(model: nn.Module, x: Tensor, blocks: Sequence[nn.Module]) -> dict:
-    """One forward pass that records each block's output (RMS, token similarity), the stream
-    entering block 0, and whether a block's output IS the output of a norm inside it (Post-LN),
-    a norm sits inside but the output is the skip's sum (Pre-LN), or there is none."""
+def _structure(blocks: Sequence[nn.Module], run: Callable[[], object]) -> tuple[dict, object]:
+    """Watch the forward pass that ``run()`` makes (the gradient profile's: no pass of its
+    own) and record each block's output (RMS, token similarity), the stream entering block 0,
+    and whether a block's output IS the output of a norm inside it (Post-LN), a norm sits
+    inside but the output is the skip's sum (Pre-LN), or there is none. Returns that and what
+    ``run`` returned."""
     outs: dict[int, Tensor] = {}
     norm_outs: dict[int, list[Tensor]] = {}
     entering: list[Tensor] = []
@@ -362,8 +368,7 @@ def _structure(model: nn.Module, x: Tensor, blocks: Sequence[nn.Module]) -> dict
             if m is not block and _is_norm(m):
                 handles.append(m.register_forward_hook(on_norm(i)))
     try:
-        with isolated(model, train=True), torch.no_grad():
-            model(to_model(model, x))
+        result = run()
     finally:
         for h in handles:
             h.remove()
@@ -378,6 +383,7 @@ def _structure(model: nn.Module, x: Tensor, blocks: Sequence[nn.Module]) -> dict
         norms = [n for n in norm_outs.get(i, []) if isinstance(n, Tensor)
                  and n.shape[-1] == out.shape[-1]]          # not a qk-norm on head vectors
         placement.append("post" if any(n is out for n in norms) else "pre" if norms else "none")
+        out = out.detach()
         rms.append(float(out.double().pow(2).mean().sqrt()))
         similarity.append(token_similarity(out) if out.dim() == 3 and out.shape[1] > 1
                           else math.nan)
@@ -386,7 +392,7 @@ def _structure(model: nn.Module, x: Tensor, blocks: Sequence[nn.Module]) -> dict
             "model placement": kinds.pop() if len(kinds) == 1 else "mixed",
             "stream RMS": np.array(rms), "token similarity": np.array(similarity),
             "entering RMS": (float(entering[0].double().pow(2).mean().sqrt())
-                             if entering else math.nan)}
+                             if entering else math.nan)}, result
 
 
 class _Once:
@@ -595,9 +601,9 @@ def _judge(m: dict, cfg: TrainConfig, depth: int, early: dict | None,
         "first step moves logits", rel, _verdict(rel, lambda r: r > 10, lambda r: False),
         "> 10 × the logits' spread a warning", "decade: ten times the spread", "5, 9",
         f"one step at lr {lr_at(0, cfg):g} changes the logits by {rel:.2g} × their spread "
-        f"(RMS over the vocabulary); the largest step size that moves them less than their "
-        f"spread is {m['largest gentle step']:.2g}. On its own this number did not tell a "
-        "failing model from a healthy one in chapter 9's runs", ()))
+        f"(RMS over the vocabulary): a step of about {m['largest gentle step']:.2g} would move "
+        "them by their spread (linear estimate). On its own this number did not tell a failing "
+        "model from a healthy one in chapter 9's runs", ()))
 
     rms, placement = m["stream RMS"], m["model placement"]
     growth = float(rms[-1] / m["entering RMS"]) if m["entering RMS"] > 0 else math.nan
@@ -760,10 +766,13 @@ def examine(model: nn.Module, batch, *, loss: Callable[[Tensor, Tensor], Tensor]
         yy = to_model(work, y)
         m["initial loss"] = float((loss(logits, yy) if loss is not None else
                                    loss_and_accuracy(logits, yy)[0]).detach())
-        with isolated(work, train=True):
-            profile: LayerProfile = gradient_profile(work, batch, layers=wb, loss_fn=loss)
-        m["gradient norm"] = profile.act_grad_norm
-        m.update(_structure(work, x, wb))
+        def profile() -> LayerProfile:
+            with isolated(work, train=True):
+                return gradient_profile(work, batch, layers=wb, loss_fn=loss)
+
+        found, prof = _structure(wb, profile)
+        m.update(found)
+        m["gradient norm"] = prof.act_grad_norm
         m["dead or saturated"], m["uncentred share"], m["activations"] = _units(work, x, wb)
         try:
             ent, uni, big = _attention(work, x)
@@ -779,12 +788,12 @@ def examine(model: nn.Module, batch, *, loss: Callable[[Tensor, Tensor], Tensor]
         m["update log10"], direction = _one_step(
             stepped, batch, cfg, loss, _same_modules(original, stepped, blocks))
         del stepped
-        sizes = sorted(set(STEP_SIZES) | {lr_at(0, cfg)})
-        change = output_change_under_update(work, x, sizes, direction=direction)
+        first = lr_at(0, cfg)
+        change = output_change_under_update(work, x, first, direction=direction)
         spread = max(m["logit spread"], 1e-12)
-        m["output change"] = float(change[sizes.index(lr_at(0, cfg))] / spread)
-        gentle = [s for s, c in zip(sizes, change) if c < spread]
-        m["largest gentle step"] = max(gentle) if gentle else math.nan
+        m["output change"] = float(change / spread)
+        # the change grows about linearly with the step while it is small (one forward pass)
+        m["largest gentle step"] = first * spread / change if change > 0 else math.inf
         early = None
         if data is not None and loss is None and steps > 0:
             probe = (data.eval_batch(len(x)) if callable(getattr(data, "eval_batch", None))
@@ -925,6 +934,116 @@ def _findings(profile: LayerProfile, update: np.ndarray, saturation: np.ndarray,
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# The command line: python -m depthlab.doctor
+# --------------------------------------------------------------------------------------------
+
+
+def _value(text: str):
+    """A --set value: JSON (numbers, true/false, lists, quoted strings), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def hf_model(model_type: str, overrides: dict | None = None, *, seed: int = 0) -> nn.Module:
+    """A Hugging Face model with random weights, built from the configuration of
+    ``model_type`` ("gpt2", "bert", "llama", ...) with ``overrides``: a masked LM where the
+    type has one (BERT's own objective), else a causal LM. Nothing is downloaded (chapter 9)."""
+    import transformers  # noqa: I001 - optional dependency (depthlab[hf]), heavy to import
+
+    config = transformers.AutoConfig.for_model(model_type, **(overrides or {}))
+    torch.manual_seed(seed)
+    for auto in (transformers.AutoModelForMaskedLM, transformers.AutoModelForCausalLM):
+        try:
+            return auto.from_config(config)
+        except ValueError:
+            continue
+    raise ValueError(f"transformers has no causal or masked language model for {model_type!r}")
+
+
+def _vocabulary(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    v = getattr(config, "vocab_size", None) or getattr(getattr(model, "cfg", None), "vocab_size",
+                                                       None)
+    if not v:
+        raise ValueError("cannot tell the model's vocabulary size for a synthetic batch: "
+                         "let the factory return (model, batch)")
+    return int(v)
+
+
+def _load(target: str):
+    """``PACKAGE.MODULE:FACTORY`` -> what the factory returns: a model, or (model, batch)."""
+    module, _, name = target.partition(":")
+    if not module or not name:
+        raise SystemExit(f"doctor: {target!r} must look like PACKAGE.MODULE:FACTORY")
+    sys.path.insert(0, os.getcwd())
+    factory = getattr(importlib.import_module(module), name)
+    made = factory()
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+        return made
+    if not isinstance(made, nn.Module):
+        raise SystemExit(f"doctor: {target} returned {type(made).__name__}, not a model or "
+                         "(model, batch)")
+    return made, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m depthlab.doctor PACKAGE.MODULE:FACTORY`` or ``--hf MODEL_TYPE --set k=v``:
+    print the report, write its figure (and ``--json``); exit 1 when a finding is a problem."""
+    ap = argparse.ArgumentParser(prog="python -m depthlab.doctor",
+                                 description="Examine a model that does not train (depthlab's "
+                                 "doctor, chapter 9). Exit status 1 when a finding is a problem.")
+    ap.add_argument("target", nargs="?", help="PACKAGE.MODULE:FACTORY, a function returning the "
+                    "model, or (model, batch); a batch may be (inputs, targets) or a data source")
+    ap.add_argument("--hf", metavar="MODEL_TYPE", help="a transformers configuration by model "
+                    "type (gpt2, bert, llama, ...), random weights, nothing downloaded")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override one configuration field (--hf), e.g. n_layer=24")
+    ap.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"])
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--warmup", type=int, default=0, help="warm-up steps of the early probe")
+    ap.add_argument("--steps", type=int, default=EARLY_STEPS,
+                    help="optimiser steps of the early-steps probe (0: none)")
+    ap.add_argument("--length", type=int, default=16, help="sequence length, synthetic batch")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences, synthetic batch")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--figure", default="doctor.png", help="where to write the figure "
+                    "('' for none)")
+    ap.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    args = ap.parse_args(argv)
+    if bool(args.target) == bool(args.hf):
+        ap.error("give either PACKAGE.MODULE:FACTORY or --hf MODEL_TYPE")
+    if args.hf:
+        overrides = {}
+        for item in args.set:
+            name, sep, value = item.partition("=")
+            if not sep:
+                ap.error(f"--set {item!r} must be NAME=VALUE")
+            overrides[name] = _value(value)
+        model, batch = hf_model(args.hf, overrides, seed=args.seed), None
+    else:
+        if args.set:
+            ap.error("--set changes a --hf configuration; a factory builds its own model")
+        model, batch = _load(args.target)
+    if batch is None:                  # the probe task: copy the previous token
+        batch = PreviousToken(vocab=_vocabulary(model), length=args.length,
+                              batch_size=args.batch_size, seed=args.seed)
+    default = 0.1 if args.optimizer == "sgd" else 1e-3
+    cfg = TrainConfig(optimizer=args.optimizer, lr=args.lr or default, seed=args.seed,
+                      warmup_steps=args.warmup)
+    report = examine(model, batch, optimizer=cfg, steps=args.steps)
+    print(report)
+    if args.figure:
+        report.figure().savefig(args.figure, dpi=110)
+        print(f"figure: {args.figure}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=1)
+        print(f"json: {args.json}")
+    return 0 if report.ok else 1
+
 
 class _CallableModule(types.ModuleType):
     """``depthlab.doctor`` stays a module (``python -m depthlab.doctor``, ``dl.doctor.examine``,
@@ -936,3 +1055,7 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+
+if __name__ == "__main__":
+    sys.exit(main())
