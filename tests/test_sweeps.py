@@ -37,3 +37,18 @@ def test_a_failing_point_raises_here_with_the_workers_traceback():
 
     with pytest.raises(RuntimeError, match="(?s)point 2.*ZeroDivisionError: point two"):
         sweep(fail, [0, 1, 2, 3], workers=2)
+
+
+def test_under_torchrun_a_grid_still_groups_its_small_runs(monkeypatch):
+    """Under torchrun each task of a grid trains on one rank, alone, so small runs of one
+    structure are grouped there as in one process (the two paths then give the same numbers:
+    tests/test_experiments.py). Only a run split over the ranks cannot be a group member."""
+    from depthlab import distributed, sweeps
+
+    runs = [dl.Run(dl.SequenceModel(SMALL, seed=s),
+                   dl.SequenceTask("sort", n=4, batch_size=16, seed=s), CFG.replace(seed=s))
+            for s in range(4)]
+    alone = sweeps._tasks(runs, "auto", workers=1)
+    monkeypatch.setattr(distributed, "init_distributed", lambda: (0, 2))   # as under torchrun
+    assert distributed.data_parallel_world() == (0, 2)
+    assert sweeps._tasks(runs, "auto", workers=1) == alone == [[0, 1, 2, 3]]

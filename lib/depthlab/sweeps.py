@@ -239,8 +239,12 @@ def _tasks(runs: list[Run], group: str, workers: int) -> list[list[int]]:
             on_gpu = pick_device(run.cfg.device).type == "cuda"
             if not on_gpu and run_flops(run) >= GROUP_BELOW_FLOPS:
                 key = None
-        if key is None or group_obstacle([run.model, run.model], [run.cfg, run.cfg],
-                                         [run.callbacks, run.callbacks]):
+        # judged as the sweep will train it: under torchrun each task trains on one rank,
+        # alone (a group is refused only where one run would be split over the processes)
+        with alone():
+            why = key is None or group_obstacle([run.model, run.model], [run.cfg, run.cfg],
+                                                [run.callbacks, run.callbacks])
+        if why:
             singles.append([i])
         else:
             by_key.setdefault(key, []).append(i)
