@@ -143,3 +143,44 @@ def test_attention_logit_gradients_match_a_block_written_out_and_vanish_when_att
     with torch.no_grad():
         attn.qkv.weight[:16].mul_(30.0)                     # queries and keys: logits ×900
     assert attention_logit_gradients(model, (x, y))[0] < 1e-2 * got[0]
+
+
+@pytest.mark.parametrize("placement", ["post", "pre"])
+def test_residual_dependence_is_the_branch_share_of_each_sum_written_out(placement):
+    """Var(β·F) / Var(α·x + β·F) for every sub-layer, against the blocks written out by hand
+    (β = 0.5 so that a missing β, or Var(F)/Var(x), shows)."""
+    from depthlab.probes import residual_dependence
+
+    cfg = dl.TransformerConfig(d_model=16, n_heads=2, n_layers=3, vocab_size=16, max_len=12,
+                               init="xavier", norm_placement=placement, beta_sa=0.5,
+                               beta_ff=0.5)
+    model = dl.SequenceModel(cfg, seed=1)
+    x, _ = dl.SequenceTask("sort", n=5, batch_size=8, seed=1).batch(0)
+    got = residual_dependence(model, x)
+
+    def share(branch, total):
+        return float(branch.double().var() / total.double().var())
+
+    want = []
+    with torch.no_grad():
+        h = model.tok_emb(x) + model.pos_emb(torch.arange(x.shape[1]))
+        for b in model.layers:
+            if placement == "post":
+                f1 = 0.5 * b.attn(h)
+                s1 = h + f1
+                f2 = 0.5 * b.mlp(b.norm1(s1))
+                s2 = b.norm1(s1) + f2
+                h = b.norm2(s2)
+            else:
+                f1 = 0.5 * b.attn(b.norm1(h))
+                s1 = h + f1
+                f2 = 0.5 * b.mlp(b.norm2(s1))
+                s2 = s1 + f2
+                h = s2
+            want.append([share(f1, s1), share(f2, s2)])
+    assert got.shape == (3, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert ((got > 0) & (got < 1)).all()
+    with pytest.raises(ValueError, match="sequential Pre-LN or Post-LN"):
+        residual_dependence(dl.SequenceModel(cfg.replace(norm_placement="none",
+                                                         norm_kind="none")), x)

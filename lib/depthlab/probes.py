@@ -1,5 +1,6 @@
 """Probes of depthlab's own models, set against theory: attention maps, the softmax Jacobian,
-the product-of-Jacobians prediction, end-to-end Jacobian spectra, BatchNorm's running-mean noise.
+the product-of-Jacobians prediction, end-to-end Jacobian spectra, BatchNorm's running-mean noise,
+the residual branches' share of each block's sum.
 
 Unlike ``measure`` (which works on any module), these know what is inside a depthlab
 ``SelfAttention``, ``MLPLayer`` or ``BatchNorm``, or train one. Each leaves the model
@@ -29,7 +30,7 @@ from .measure import (
     untouched,
     unwrap,
 )
-from .models import BatchNorm, MLPLayer, SelfAttention, SequenceModel, init_variance
+from .models import BatchNorm, Block, MLPLayer, SelfAttention, SequenceModel, init_variance
 from .training import Callback, DataSource, train
 
 
@@ -279,6 +280,58 @@ def running_mean_stream(momentum: float, batch_size: int, *, mean: float = 0.0,
             bn(mean + sd * torch.randn(batch_size, features, generator=g))
             trace[step] = float(bn.running_mean[0])
     return float(bn.running_mean.std()), trace
+
+
+def residual_dependence(model: nn.Module, batch) -> np.ndarray:
+    """How much each sub-layer's output depends on its residual branch: Var(β·F) / Var(α·x + β·F)
+    for the attention and the MLP sub-layer of every depthlab ``Block`` (Liu et al. 2020's
+    dependence on the residual branch; chapter 5), on one batch.
+
+    x is the sub-layer's skip input and F its branch output, both as the block computes them:
+    in Post-LN the sum is what the norm after the add receives, in Pre-LN it is the stream
+    itself. Variances over every entry of the batch. Liu et al. show that Post-LN's sub-layers
+    depend on their branches about equally at every depth, while Pre-LN's dependence falls
+    like 1/l with the block index l, as its stream accumulates the branches before it.
+    Returns an array (blocks, 2): column 0 attention, column 1 MLP. The model is untouched.
+    """
+    model = unwrap(model)
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no depthlab Block")
+    seen: dict[tuple[int, str], Tensor] = {}
+
+    def output(i: int, name: str):
+        def hook(module, args, out):
+            seen[(i, name)] = out.detach()
+        return hook
+
+    def given(i: int, name: str):
+        def hook(module, args):
+            seen[(i, name)] = args[0].detach()
+        return hook
+
+    handles = []
+    for i, b in enumerate(blocks):
+        c = b.cfg
+        if c.parallel or c.norm_placement not in ("pre", "post"):
+            raise ValueError(f"block {i}: residual_dependence needs a sequential Pre-LN or "
+                             f"Post-LN block (norm_placement={c.norm_placement!r}, "
+                             f"parallel={c.parallel})")
+        handles += [b.attn.register_forward_hook(output(i, "F1")),
+                    b.mlp.register_forward_hook(output(i, "F2"))]
+        if c.norm_placement == "post":          # the sums are what the norms receive
+            handles += [b.norm1.register_forward_pre_hook(given(i, "sum1")),
+                        b.norm2.register_forward_pre_hook(given(i, "sum2"))]
+        else:                                   # the sums are the stream after each add
+            handles += [b.norm2.register_forward_pre_hook(given(i, "sum1")),
+                        b.register_forward_hook(output(i, "sum2"))]
+    run_once(model, to_model(model, inputs_of(batch)), handles)
+    out = np.zeros((len(blocks), 2))
+    for i, b in enumerate(blocks):
+        for k, beta in enumerate((b.cfg.beta_sa, b.cfg.beta_ff)):
+            branch = beta * seen[(i, f"F{k + 1}")].double()
+            out[i, k] = float(branch.var() / seen[(i, f"sum{k + 1}")].double().var())
+    return out
 
 
 def branch_after_one_step(weight: Tensor, beta: float, lr: float, optimizer: str = "sgd", *,
