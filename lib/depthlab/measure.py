@@ -438,8 +438,10 @@ def weight_gradient_products(model: nn.Module, batch: tuple[Tensor, Tensor], *,
     """(L,) ⟨∂L/∂θ_l, θ_l⟩ over each layer's parameters, in float64, the model untouched.
 
     For a network that is positively homogeneous in each layer's parameters (ReLU, no biases
-    or zero biases), Euler's theorem makes this the same number for every layer: the reason a
-    weight-gradient profile of such a network looks flat whatever its scale (chapter 1)."""
+    or zero biases), Euler's theorem makes this the same number for every layer (balancedness).
+    It fixes these inner products, not the gradient norms: ‖∂L/∂W_l‖ also depends on ‖W_l‖ and
+    on the angle between the gradient and the weights, which varies from layer to layer
+    (chapter 1)."""
     model = unwrap(model)
     layers = list(layers) if layers is not None else find_layers(model)
     with untouched(model):
