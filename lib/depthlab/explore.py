@@ -20,6 +20,7 @@ import io
 import itertools
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -97,8 +98,6 @@ def frames_html(plot: Callable[..., Figure], controls: Mapping[str, Sequence],
     is computed while the website is built). Choosing a setting that was not drawn says so.
     Returns the HTML (the frames as data URLs, the default one shown first).
     """
-    import time
-
     names = list(controls)
     frames = {}
     start = time.perf_counter()
