@@ -3,6 +3,7 @@ process and over two torchrun processes, with chapter 5's own settings."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,28 +18,20 @@ TINY = ["--set", "steps=3", "--set", "seeds=1", "--set", "lrs=[0.001, 0.01]", "-
         "batch=4"]
 
 
-def _chapter5_settings() -> dict:
-    """Chapter 5's S dictionary, read from the notebook's own source."""
+def _chapter5_code() -> str:
     nb = json.loads((ROOT / "chapters" / "05_pre_ln_vs_post_ln.ipynb").read_text())
-    src = next("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"
-               and "S = {" in "".join(c["source"]))
-    start = src.index("S = {")
-    block = src[start:src.index("}[SCALE]", start) + 1]
-    scope: dict = {}
-    exec(block, scope)                                    # noqa: S102 (our own notebook)
-    return scope["S"]
+    return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
 
 
-@pytest.mark.parametrize("scale", ["cpu", "gpu"])
-def test_the_settings_are_chapter_5s(scale):
-    chapter = _chapter5_settings()[scale]
-    lr = experiments.SCALES["lr-map"][scale]
-    for name in ("d_model", "n_heads", "depth", "n", "batch", "steps", "warmup", "lrs"):
-        assert lr[name] == chapter[name], name
-    xiong = experiments.SCALES["xiong-profile"][scale]
-    assert xiong["d_model"] == chapter["xiong_d"]
-    assert xiong["depths"] == chapter["xiong_depths"]
-    assert xiong["probe_batch"] == chapter["probe_batch"]
+def test_chapter_5_runs_these_experiments_and_restates_none_of_their_settings():
+    """SCALES is the one place the two experiments' settings are written: chapter 5 calls
+    ``run`` for both (so the page and the command line run the same code) and spells out none
+    of their settings itself (chapter 5's settings used to be a copy, kept equal by a test)."""
+    code = _chapter5_code()
+    assert 'experiments.run("lr-map", SCALE' in code
+    assert 'experiments.run("xiong-profile", SCALE' in code
+    for spelled_out in (r"\blrs=\[", r"\bdepths=\[", r"\bprobe_batch=", r"xiong_d"):
+        assert not re.search(spelled_out, code), spelled_out
 
 
 def test_unknown_settings_and_scales_are_refused():
@@ -67,6 +60,10 @@ def test_the_lr_map_is_the_same_on_one_process_and_on_two(tmp_path):
     assert len(one["records"]) == 2 * 3 * 1                # lrs x blocks x seeds
     assert one["records"] == two["records"]               # JSON floats: exactly equal
     assert one["settings"]["steps"] == 3
+    # per-step loss and gradient norm for every run (chapter 5 draws both)
+    assert all(len(r["loss"]) == 3 and len(r["grad_norm"]) == 3 for r in one["records"])
+    assert [(r["lr"], r["block"]) for r in one["records"]] == [
+        (lr, b) for lr in (0.001, 0.01) for b in experiments.LR_MAP_BLOCKS]
     acc = experiments.lr_map_accuracy(one)
     assert set(acc) == set(experiments.LR_MAP_BLOCKS) and acc["Pre-LN"].shape == (2, 1)
     # what the chapter draws from such a file passes the book's figure check
@@ -76,8 +73,11 @@ def test_the_lr_map_is_the_same_on_one_process_and_on_two(tmp_path):
 def test_the_xiong_profile_records_a_gradient_per_block(tmp_path):
     result = _cli(tmp_path / "x.json", "xiong-profile", "--set", "depths=[2, 3]",
                   "--set", "seeds=1", "--set", "d_model=16", "--set", "n_heads=2")
-    depths = {(r["placement"], r["depth"]): len(r["weight_grad_norm"]) for r in result["records"]}
-    assert depths == {("post", 2): 2, ("post", 3): 3, ("pre", 2): 2, ("pre", 3): 3}
+    depths = {(r["block"], r["depth"]): len(r["weight_grad_norm"]) for r in result["records"]}
+    assert depths == {(b, d): d for b in experiments.PROFILE_BLOCKS for d in (2, 3)}
+    # without its final norm, Pre-LN's last-layer gradient is that of another model
+    last = {r["block"]: r["weight_grad_norm"][-1] for r in result["records"] if r["depth"] == 3}
+    assert last["Pre-LN"] != last["Pre-LN, no final norm"]
 
 
 def test_a_setting_that_is_not_json_is_refused(tmp_path):

@@ -10,13 +10,15 @@ that the chapter reads back with ``load`` and draws::
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         -m depthlab.experiments xiong-profile --scale gpu --out xiong-gpu.json
 
-The grid points are spread over the processes by ``dl.sweep`` (torchrun's ranks, each on its
-own GPU; without torchrun, one process per core), so the records are the same however many
-processes ran them; rank 0 writes the file. ``--set name=value`` changes one setting (a JSON
-value), e.g. ``--set steps=500 --set 'lrs=[1e-3, 3e-3]'``. The seeds come from ``dl.seeds``
-and follow ``DEPTHLAB_SEED_OFFSET``. The settings of ``SCALES`` are chapter 5's own (a test
-keeps them equal). Only the CPU path and 2 gloo processes are tested (see the README's
-"Running at scale").
+The learning-rate map's runs are trained by ``dl.train_grid`` and the profiles measured by
+``dl.sweep``, both spread over the processes (torchrun's ranks, each on its own GPU; without
+torchrun, one process per core, small models grouped), so the records are the same however
+many processes ran them; rank 0 writes the file. ``--set name=value`` changes one setting (a
+JSON value), e.g. ``--set steps=500 --set 'lrs=[1e-3, 3e-3]'``. The seeds come from
+``dl.seeds`` and follow ``DEPTHLAB_SEED_OFFSET``. ``SCALES`` is the one place these settings
+are written: chapter 5 calls ``run`` itself, so the page and the command line run the same
+experiment. Only the CPU path and 2 gloo processes are tested (see the README's "Running at
+scale").
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from .distributed import init_distributed
 from .measure import gradient_profile
 from .models import SequenceModel
 from .seeding import seeds
-from .sweeps import sweep
-from .training import train_and_evaluate
+from .sweeps import Run, sweep, train_grid
+from .training import evaluate
 
-# Chapter 5's settings (its S dictionary), by experiment and scale.
+# Chapter 5's settings for these two experiments, by experiment and scale (the chapter reads
+# them from here: ``settings``).
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "lr-map": {
         "cpu": dict(d_model=32, n_heads=4, depth=6, n=6, batch=32, steps=100, warmup=33,
@@ -56,37 +59,58 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
 # The three blocks of chapter 5's learning-rate map: norm placement, warm-up on or off.
 LR_MAP_BLOCKS = {"Post-LN": ("post", False), "Post-LN + warm-up": ("post", True),
                  "Pre-LN": ("pre", False)}
+# The blocks of the gradient profiles: norm placement, final norm on or off. Pre-LN without
+# its final norm tests what makes Pre-LN's last-layer gradient shrink with depth (chapter 5).
+PROFILE_BLOCKS = {"Post-LN": ("post", True), "Pre-LN": ("pre", True),
+                  "Pre-LN, no final norm": ("pre", False)}
+HELD_OUT = 256                     # held-out sequences per run of the learning-rate map
 
 
-def _config(s: dict, depth: int, placement: str) -> TransformerConfig:
-    """Chapter 5's model: Xavier initialisation, vocabulary 16, learned positions up to 16."""
+def model_config(s: dict, depth: int, placement: str,
+                 final_norm: bool = True) -> TransformerConfig:
+    """Chapter 5's model at the settings ``s``: Xavier initialisation, vocabulary 16, learned
+    positions up to 16 (the chapter starts every model of its own from this one)."""
     return TransformerConfig(d_model=s["d_model"], n_heads=s["n_heads"], n_layers=depth,
                              vocab_size=16, max_len=2 * 8, init="xavier",
-                             norm_placement=placement)
+                             norm_placement=placement, final_norm=final_norm)
 
 
-def _sort(seed: int, n: int, batch: int) -> SequenceTask:
+def sort_task(seed: int, n: int, batch: int) -> SequenceTask:
+    """Chapter 5's task: sort n tokens of a vocabulary of 16, batches of ``batch``."""
     return SequenceTask("sort", n=n, vocab=16, batch_size=batch, seed=seed)
 
 
-def _lr_map_point(point: tuple) -> dict:
-    s, block, lr, seed = point
-    placement, warm = LR_MAP_BLOCKS[block]
-    model = SequenceModel(_config(s, s["depth"], placement), seed=seed)
-    cfg = TrainConfig(steps=s["steps"], lr=lr, warmup_steps=s["warmup"] if warm else 0,
-                      seed=seed)
-    hist, acc = train_and_evaluate(model, _sort(seed, s["n"], s["batch"]), cfg, eval_size=256)
-    return {"block": block, "lr": lr, "seed": seed, "accuracy": float(acc),
-            "loss": [float(v) for v in hist.loss], "status": hist.status}
+def _lr_map(s: dict, device: str) -> list[dict]:
+    """Every run of the learning-rate map, as records in the order lr, block, seed."""
+    def make(point: tuple, seed: int) -> Run:
+        block, lr = point
+        placement, warm = LR_MAP_BLOCKS[block]
+        cfg = TrainConfig(device=device, steps=s["steps"], lr=lr,
+                          warmup_steps=s["warmup"] if warm else 0, seed=seed)
+        return Run(SequenceModel(model_config(s, s["depth"], placement), seed=seed),
+                   sort_task(seed, s["n"], s["batch"]), cfg)
+
+    def keep(run: Run) -> dict:                # runs where the run trained
+        h = run.history
+        return {"accuracy": float(evaluate(run.model, *run.data.eval_batch(HELD_OUT))["accuracy"]),
+                "loss": [float(v) for v in h.loss], "grad_norm": [float(v) for v in h.grad_norm],
+                "status": h.status}
+
+    ids = seeds(s["seeds"])
+    points = [(b, lr) for lr in s["lrs"] for b in LR_MAP_BLOCKS]
+    trained = train_grid(make, points, ids, keep=keep)
+    return [{"block": b, "lr": lr, "seed": seed, **rec}
+            for b, lr in points for seed, rec in zip(ids, trained[(b, lr)])]
 
 
 def _xiong_point(point: tuple) -> dict:
-    s, placement, depth, seed = point
-    cfg = _config(s, depth, placement)
-    batch = _sort(seed, s["n"], s["probe_batch"]).batch(0)
+    s, block, depth, seed = point
+    placement, final_norm = PROFILE_BLOCKS[block]
+    cfg = model_config(s, depth, placement, final_norm)
+    batch = sort_task(seed, s["n"], s["probe_batch"]).batch(0)
     p = gradient_profile(SequenceModel(cfg, seed=seed), batch, weight="mlp.fc2.weight")
-    return {"placement": placement, "depth": depth, "seed": seed,
-            "weight_grad_norm": [float(v) for v in p.weight_grad_norm],
+    return {"block": block, "placement": placement, "final_norm": final_norm, "depth": depth,
+            "seed": seed, "weight_grad_norm": [float(v) for v in p.weight_grad_norm],
             "stream_std": float(p.act_std[-1])}
 
 
@@ -104,16 +128,16 @@ def settings(experiment: str, scale: str, changes: dict | None = None) -> dict:
     return s
 
 
-def run(experiment: str, scale: str = "cpu", changes: dict | None = None) -> dict:
+def run(experiment: str, scale: str = "cpu", changes: dict | None = None, *,
+        device: str = "auto") -> dict:
     """Run ``experiment`` ("lr-map" or "xiong-profile") over every process; the result
-    ``{"experiment", "scale", "settings", "records"}`` (every rank gets it)."""
+    ``{"experiment", "scale", "settings", "records"}`` (every rank gets it). ``device``: where
+    the learning-rate map trains ("auto": CUDA when there is one; chapter 5 passes "cpu")."""
     s = settings(experiment, scale, changes)
     if experiment == "lr-map":
-        points = [(s, b, lr, seed) for lr in s["lrs"] for b in LR_MAP_BLOCKS
-                  for seed in seeds(s["seeds"])]
-        records = sweep(_lr_map_point, points)
+        records = _lr_map(s, device)
     else:
-        points = [(s, p, d, seed) for p in ("post", "pre") for d in s["depths"]
+        points = [(s, b, d, seed) for b in PROFILE_BLOCKS for d in s["depths"]
                   for seed in seeds(s["seeds"])]
         records = sweep(_xiong_point, points)
     return {"experiment": experiment, "scale": scale, "settings": s, "records": records}
