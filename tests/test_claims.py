@@ -173,3 +173,18 @@ def test_verdict_table_cites_checked_claims_only():
     assert "`a` (holds)" in table
     with pytest.raises(KeyError, match="not checked"):
         verdict_table([{"remedy": "x", "claim": "missing"}], book)
+
+
+def test_verdict_table_refuses_a_flipped_claim_except_in_the_seed_audit(monkeypatch):
+    """A row whose claim did not come out as stated stops the chapter; under the seed audit
+    (DEPTHLAB_CLAIMS_RAISE=0) the table marks the row and the chapter goes on, as check does."""
+    from depthlab.claims import RAISE_ENV, verdict_table
+
+    monkeypatch.setenv(RAISE_ENV, "0")
+    book = dl.ClaimBook("t", ledger=None)
+    book.check("a", "s", _below(3.0, 2.0), kind="identity", display=False)   # fails: recorded
+    rows = [{"remedy": "clip", "claim": "a"}]
+    assert "`a` (NOT AS STATED:" in verdict_table(rows, book)
+    monkeypatch.setenv(RAISE_ENV, "1")
+    with pytest.raises(AssertionError, match="did not come out as stated"):
+        verdict_table(rows, book)

@@ -426,10 +426,15 @@ def verdict_table(rows: Sequence[Mapping[str, str]], claims: ClaimBook) -> str:
         if claim_id not in claims.verdicts:
             raise KeyError(f"row {row} cites claim {claim_id!r}, which was not checked")
         v = claims.verdicts[claim_id]
+        label = v.label
         if not v.as_expected:
-            raise AssertionError(f"claim {claim_id!r} did not come out as stated")
+            # As claims.check: the seed audit (DEPTHLAB_CLAIMS_RAISE=0) records and goes on,
+            # so that one flipped claim does not hide the rest of its chapter.
+            if os.environ.get(RAISE_ENV, "1") != "0":
+                raise AssertionError(f"claim {claim_id!r} did not come out as stated")
+            label = f"NOT AS STATED: {v.label}"
         cells = [str(row[c]).replace("|", "/") for c in columns[:-1]]
-        cells.append(f"`{claim_id}` ({v.label})")
+        cells.append(f"`{claim_id}` ({label})")
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     try:
