@@ -483,3 +483,20 @@ def test_versus_keeps_each_labels_colour_across_panels():
     assert [ln.get_color() for ln in a.lines] == ["#ff0000", "#0000ff"]
     assert b.lines[0].get_color() == "#0000ff"
     plt.close(fig)
+
+
+def test_sign_test_is_the_binomial_tail_that_scipy_computes():
+    """analysis.sign_test (the chapters' paired-seed test) is P(X >= k), X ~ Binomial(n, 1/2):
+    1/8 for 3 of 3, 1/64 for 6 of 6, 7/64 for 5 of 6, 1 for none; as scipy's binomtest."""
+    from scipy.stats import binomtest
+
+    from depthlab.analysis import sign_test
+
+    assert sign_test([True] * 3) == 1 / 8
+    assert sign_test(torch.tensor([0.5, 0.9, 0.7, 0.2, 0.8, 0.4]) < 1) == 1 / 64
+    assert sign_test([True] * 5 + [False]) == 7 / 64
+    assert sign_test([False] * 4) == 1.0
+    for n in range(1, 9):
+        for k in range(n + 1):
+            want = binomtest(k, n, 0.5, alternative="greater").pvalue
+            assert sign_test([True] * k + [False] * (n - k)) == pytest.approx(want, rel=1e-12)

@@ -1,4 +1,5 @@
-"""Numbers from finished runs: the best learning rate of a sweep, and its sensitivity.
+"""Numbers from finished runs: the best learning rate of a sweep, its sensitivity, and the sign
+test on paired seeds.
 
 Functions of results (final losses, histories), never of models: they sit beside the claims
 and can be tested on numbers written by hand. Introduced in chapter 8.
@@ -48,3 +49,12 @@ def lr_sensitivity(final_loss: dict[float, float], init_loss: float) -> float:
         raise ValueError("lr_sensitivity needs the final loss of at least one learning rate")
     capped = [min(v, init_loss) if math.isfinite(v) else init_loss for v in final_loss.values()]
     return sum(capped) / len(capped) - min(capped)
+
+
+def sign_test(successes) -> float:
+    """One-sided sign test on paired seeds: the chance of at least this many successes among
+    them if each seed were a fair coin flip, e.g. ``sign_test(ratio < 1)`` for "lower on as
+    many seeds as this". With n seeds the smallest p is 2^-n (1/8 with 3 seeds, 1/64 with 6)."""
+    flags = [bool(v) for v in successes]
+    n, k = len(flags), sum(flags)
+    return sum(math.comb(n, j) for j in range(k, n + 1)) / 2 ** n
