@@ -188,6 +188,17 @@ def test_the_stacked_optimiser_is_torch_optims_arithmetic():
             assert torch.allclose(flat[i].detach(), p.detach(), rtol=1e-6, atol=1e-7), kind
 
 
+def test_the_stacked_parameters_are_one_split_of_the_flat_matrix():
+    """Each parameter's view comes from one split of ``flat`` (its backward concatenates the
+    gradients once), not from a slice per parameter (each slice's backward is a zero-filled
+    (N, P) matrix, all of them added up: the grouped step ran x1.4 slower on a 16-layer MLP)."""
+    from depthlab.grouped import Stack
+    stack = Stack([dl.SequenceModel(TF, seed=s) for s in (0, 1)], torch.device("cpu"))
+    views = [v for name, v in stack.parameters_as_dict().items() if name in stack.layout]
+    bases = {type(v.grad_fn.next_functions[0][0]).__name__ for v in views}
+    assert bases == {"SplitWithSizesBackward0"}, bases
+
+
 def test_train_grid_returns_every_point_and_seed_as_a_plain_loop_would():
     def make(point, seed):
         lr, depth = point

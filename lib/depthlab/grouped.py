@@ -122,9 +122,14 @@ class Stack:
         self._sdpa = sdpa
 
     def parameters_as_dict(self) -> dict[str, Tensor]:
-        """Each parameter as an (N, ...) view of ``flat`` (and the frozen ones as they are)."""
-        views = {name: self.flat[:, a:b].view(self.n, *shape)
-                 for name, (a, b, shape) in self.layout.items()}
+        """Each parameter as an (N, ...) view of ``flat`` (and the frozen ones as they are).
+
+        One ``split``, not a slice per parameter: autograd turns each slice's gradient into a
+        zero-filled (N, P) tensor and adds them all up, K full-size passes for K parameters
+        (×1.4 on a 16-layer MLP's grouped step); ``split``'s backward concatenates once."""
+        sizes = [b - a for a, b, _ in self.layout.values()]
+        views = {name: chunk.view(self.n, *shape) for (name, (_, _, shape)), chunk
+                 in zip(self.layout.items(), self.flat.split(sizes, dim=1))}
         return {**views, **self.frozen}
 
     def forward_backward(self, xs: Tensor, ys: Tensor, z_loss: Tensor, amp: str
