@@ -82,27 +82,26 @@ def test_mup_members_keep_their_per_parameter_rates():
 
 
 def test_batchnorm_members_keep_their_own_running_statistics():
+    # SGD, not Adam: the bias before a BatchNorm has no true gradient (the norm removes it),
+    # and Adam turns its round-off into steps of about lr, which differ with the thread count
+    # (1.4 % apart in the outputs at one thread); this test is about the statistics.
+    sgd = BASE.replace(optimizer="sgd", lr=0.1)
     mlp = dl.MLPConfig(depth=3, width=32, norm_kind="batch")
     alone = []
     for s in (0, 1):
         model = dl.DeepMLP(mlp, seed=s)
-        dl.train(model, dl.Digits(batch_size=16, seed=s), BASE)
+        dl.train(model, dl.Digits(batch_size=16, seed=s), sgd)
         alone.append(model)
     grouped = [dl.DeepMLP(mlp, seed=s) for s in (0, 1)]
-    dl.train_group(grouped, [dl.Digits(batch_size=16, seed=s) for s in (0, 1)], BASE)
+    dl.train_group(grouped, [dl.Digits(batch_size=16, seed=s) for s in (0, 1)], sgd)
     x = dl.Digits(seed=0).test[0][:64]
     for a, g in zip(alone, grouped):
         with torch.no_grad():                 # training mode: each batch's own statistics
             ya, yg = a.train()(x), g.train()(x)
-        assert float((ya - yg).abs().max()) <= 1e-2 * float(ya.abs().max())
+        assert float((ya - yg).abs().max()) <= 1e-4 * float(ya.abs().max())
         for name, ba in a.named_buffers():
             bg = dict(g.named_buffers())[name]
-            if name.endswith("running_var"):
-                assert torch.allclose(ba, bg, rtol=1e-3), name
-            else:
-                # the bias before a BatchNorm has no true gradient (the norm removes it), so
-                # Adam moves it by its round-off, about lr per step, and the running mean with it
-                assert float((ba - bg).abs().max()) <= BASE.lr * BASE.steps, name
+            assert torch.allclose(ba.float(), bg.float(), rtol=1e-4, atol=1e-6), name
     assert not torch.allclose(grouped[0].layers[0].norm.running_mean,
                               grouped[1].layers[0].norm.running_mean)      # each its own
 
