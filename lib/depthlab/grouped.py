@@ -150,11 +150,14 @@ class Stack:
         minimised.sum().backward()         # the members are independent: each its own gradient
         return loss.detach(), acc
 
-    def clip_and_norm(self, clip: Tensor) -> Tensor:
+    def clip_and_norm(self, clip: Tensor | None) -> Tensor:
         """(N,) each member's gradient norm before clipping; clips member i's gradient to
-        ``clip[i]`` (inf: no clipping) with ``clip_grad_norm_``'s rule."""
+        ``clip[i]`` (inf: no clipping) with ``clip_grad_norm_``'s rule. ``clip`` None: no
+        member clips, and the gradient is left alone (the rule would multiply it by 1)."""
         grad = self.flat.grad
         norms = grad.norm(dim=1)                                             # (N,)
+        if clip is None:
+            return norms
         coef = (clip / (norms + 1e-6)).clamp(max=1.0)
         grad.mul_(coef.unsqueeze(1))
         return norms
@@ -187,6 +190,9 @@ class StackedOptimizer:
                  eps: float, momentum: float, weight_decay: Tensor, independent: Tensor,
                  peak_lr: Tensor) -> None:
         self.flat, self.lr_scale = flat, lr_scale.unsqueeze(0)              # (N, P), (1, P)
+        # without μP's marks every multiplier is 1, and lr × 1 is lr exactly: the step then
+        # skips one (N, P) product, and its later products broadcast an (N, 1) rate
+        self.unit_scale = bool((lr_scale == 1).all())
         self.kind, self.betas, self.eps, self.momentum = kind, betas, eps, momentum
         # a μP matrix (lr_scale 1/m) decays m times more per unit of rate: rate × decay stays
         # the same as the other parameters' (make_optimizer, the mup package's MuAdam)
@@ -200,6 +206,10 @@ class StackedOptimizer:
         if kind != "sgd":
             self.m = torch.zeros_like(flat)
             self.v = torch.zeros_like(flat)
+            # Adam's two (N, P) temporaries, allocated once: the same operations in the same
+            # order as out-of-place ones, without a fresh matrix twice a step
+            self._denom = torch.empty_like(flat, requires_grad=False)
+            self._update = torch.empty_like(flat, requires_grad=False)
 
     @torch.no_grad()
     def step(self, lr: Tensor, frozen: Tensor | None = None) -> None:
@@ -209,7 +219,7 @@ class StackedOptimizer:
         p, g = self.flat, self.flat.grad
         saved = p[frozen].clone() if frozen is not None and bool(frozen.any()) else None
         lr_t = lr.unsqueeze(1)                                              # (N, 1)
-        lr_entry = lr_t * self.lr_scale                                     # (N, P)
+        lr_entry = lr_t if self.unit_scale else lr_t * self.lr_scale        # (N, 1) or (N, P)
         self.t += 1
         if self.kind == "adamw":
             if self.decays:
@@ -226,7 +236,9 @@ class StackedOptimizer:
             b1, b2 = self.betas
             self.m.lerp_(g, 1 - b1)
             self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (self.v.sqrt() / math.sqrt(1 - b2 ** self.t)).add_(self.eps)
-            p.sub_(lr_entry / (1 - b1 ** self.t) * self.m / denom)
+            denom = torch.sqrt(self.v, out=self._denom)
+            denom.div_(math.sqrt(1 - b2 ** self.t)).add_(self.eps)
+            update = torch.mul(lr_entry / (1 - b1 ** self.t), self.m, out=self._update)
+            p.sub_(update.div_(denom))
         if saved is not None:
             p[frozen] = saved

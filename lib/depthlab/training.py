@@ -363,6 +363,8 @@ class _Group:
         vec = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype,  # noqa: E731
                                                                device=device)
         self.clip = vec([cf.clip_norm if cf.clip_norm is not None else math.inf for cf in cfgs])
+        if all(cf.clip_norm is None for cf in cfgs):
+            self.clip = None                           # no member clips: no rescaling pass
         self.z_loss = vec([cf.z_loss for cf in cfgs])
         self.optimizer = StackedOptimizer(
             self.stack.flat, self.stack.lr_scale, kind=c.optimizer, betas=c.betas, eps=c.eps,
