@@ -198,6 +198,30 @@ def test_the_stacked_parameters_are_one_split_of_the_flat_matrix():
     assert bases == {"SplitWithSizesBackward0"}, bases
 
 
+def test_write_back_finds_a_members_tensors_once(monkeypatch):
+    """A callback on a member costs two write-backs a step; walking the module each time was
+    40 % of chapter 1's grouped training. The second write-back still copies the new values."""
+    from depthlab.grouped import Stack
+    models = [dl.SequenceModel(TF, seed=s) for s in (0, 1)]
+    stack = Stack(models, torch.device("cpu"))
+    stack.write_back(1, models[1])
+    monkeypatch.setattr(models[1], "named_parameters",
+                        lambda *a, **k: pytest.fail("write_back walked the module again"))
+    with torch.no_grad():
+        stack.flat[1] += 1.0
+    stack.write_back(1, models[1])
+    views = stack.parameters_as_dict()
+    for name in dict(models[0].named_parameters()):            # model 0's names, unpatched
+        if name in stack.layout:
+            assert torch.equal(getattr_path(models[1], name), views[name][1].detach()), name
+
+
+def getattr_path(module, dotted):
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
 def test_train_grid_returns_every_point_and_seed_as_a_plain_loop_would():
     def make(point, seed):
         lr, depth = point

@@ -106,6 +106,7 @@ class Stack:
             start += p.numel()
         self.flat = torch.cat([params[name].reshape(self.n, -1) for name, _ in trainable], 1)
         self.flat = self.flat.detach().requires_grad_(True)                  # (N, P)
+        self._targets: dict[int, tuple] = {}          # write_back's tensors, per member
         self.frozen = {name: params[name].detach() for name, p in named if not p.requires_grad}
         # μP and similar marks: each parameter's learning-rate multiplier, per entry of P
         self.lr_scale = torch.cat([torch.full((p.numel(),), float(getattr(p, "lr_scale", 1.0)))
@@ -164,14 +165,26 @@ class Stack:
 
     def write_back(self, i: int, model: nn.Module, *, grads: bool = False) -> None:
         """Copy member i's parameters and buffers (and gradients) into its own module."""
-        with torch.no_grad():
+        # A callback watching a member calls this twice a step: the module's tensors and
+        # their views of ``flat`` (updated in place, never replaced) are looked up once,
+        # not through named_parameters(), which walks every submodule on every call.
+        if self._targets.get(i, (None,))[0] is not model:
             named = dict(model.named_parameters())
-            for name, (a, b, shape) in self.layout.items():
-                named[name].copy_(self.flat[i, a:b].view(shape))
-                if grads and self.flat.grad is not None:
-                    named[name].grad = self.flat.grad[i, a:b].view(shape).clone()
-            for name, t in model.named_buffers():
-                t.copy_(self.buffers[name][i])
+            row = self.flat.detach()[i]
+            params = [(named[name], row[a:b].view(shape))
+                      for name, (a, b, shape) in self.layout.items()]
+            buffers = [(t, self.buffers[name][i]) for name, t in model.named_buffers()]
+            self._targets[i] = (model, params, buffers)
+        _, params, buffers = self._targets[i]
+        with torch.no_grad():
+            for p, source in params:
+                p.copy_(source)
+            if grads and self.flat.grad is not None:
+                sizes = [b - a for a, b, _ in self.layout.values()]
+                for (p, source), g in zip(params, self.flat.grad[i].split(sizes)):
+                    p.grad = g.view(source.shape).clone()
+            for t, source in buffers:
+                t.copy_(source)
 
 
 class StackedOptimizer:
