@@ -55,17 +55,21 @@ class UpdateRatio(Callback):
         self.steps: list[int] = []
         self.log10: list[np.ndarray] = []
         self._before: list[list[Tensor]] = []
+        self._watched: list[list[Tensor]] = []
 
     def _weights(self, model: nn.Module) -> list[list[Tensor]]:
         layers = self._layers if self._layers is not None else find_layers(model)
         return [layer_weights(layer) for layer in layers]
 
     def before_step(self, step: int, model: nn.Module) -> None:
-        self._before = [[w.detach().clone() for w in ws] for ws in self._weights(model)]
+        # the same tensors are read after the step (updated in place): found once per step,
+        # not twice (find_layers and layer_weights walk the model's modules)
+        self._watched = self._weights(model)
+        self._before = [[w.detach().clone() for w in ws] for ws in self._watched]
 
     def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
         ratios = []
-        for ws, olds in zip(self._weights(model), self._before):
+        for ws, olds in zip(self._watched, self._before):
             du = sum(float((w.detach() - o).double().pow(2).sum()) for w, o in zip(ws, olds))
             ww = sum(float(o.double().pow(2).sum()) for o in olds)
             ratios.append(0.5 * math.log10(du / ww) if du > 0 and ww > 0 else -math.inf)
