@@ -155,6 +155,10 @@ def test_a_group_says_why_it_cannot_be_one():
         dl.train_group(same, [_task(0), _task(1)], BASE.replace(amp="fp16"))
     with pytest.raises(GroupError, match="LayerGradNorms"):
         dl.train_group(same, [_task(0), _task(1)], BASE, [[LayerGradNorms()], []])
+    marked = [dl.SequenceModel(TF, seed=s) for s in (0, 1)]
+    marked[1].head.weight.lr_scale = 0.1
+    with pytest.raises(GroupError, match="lr_scale"):
+        dl.train_group(marked, [_task(0), _task(1)], BASE)
     foreign = [torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
                for _ in (0, 1)]
     with pytest.raises(GroupError, match="structure_key"):
@@ -259,3 +263,21 @@ def test_a_sweep_never_forks_once_cuda_is_in_use(monkeypatch):
     assert set(pids) == {os.getpid()}
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     assert os.getpid() not in dl.sweep(lambda _: os.getpid(), range(4), workers=2)
+
+
+def test_train_grid_keeps_per_parameter_rates_set_by_hand():
+    """Runs that differ only in a hand-set ``lr_scale`` are not put into one group (a group
+    steps every member with the first member's scales): each ends as ``dl.train`` leaves it."""
+    def make(scale, seed):
+        model = dl.SequenceModel(TF, seed=seed)
+        model.head.weight.lr_scale = scale
+        return dl.Run(model, _task(seed), BASE.replace(lr=1e-2, seed=seed), [])
+
+    scales = [1.0, 1e-3]
+    got = dl.train_grid(make, scales, [0], keep=lambda run: run.history.loss[-1],
+                        group="always")
+    for scale in scales:
+        run = make(scale, 0)
+        alone = dl.train(run.model, run.data, run.cfg)
+        assert got[scale][0] == pytest.approx(alone.loss[-1], rel=1e-4)
+    assert got[1.0][0] != pytest.approx(got[1e-3][0], rel=1e-3)     # the scale matters here

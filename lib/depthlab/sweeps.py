@@ -48,6 +48,7 @@ from .training import (
     DataSource,
     History,
     group_obstacle,
+    lr_scales,
     step_flops,
     train,
     train_group,
@@ -223,8 +224,8 @@ def _group_key(run: Run):
         return None
     x, y = run.data.batch(0)
     c = run.cfg
-    return (key, tuple(x.shape), x.dtype, tuple(y.shape), c.optimizer, c.betas, c.eps,
-            c.momentum, c.steps, c.amp, c.device, c.sync_every)
+    return (key, lr_scales(run.model), tuple(x.shape), x.dtype, tuple(y.shape), c.optimizer,
+            c.betas, c.eps, c.momentum, c.steps, c.amp, c.device, c.sync_every)
 
 
 def _tasks(runs: list[Run], group: str, workers: int) -> list[list[int]]:
@@ -275,6 +276,12 @@ def train_runs(runs: Sequence[Run], *, keep: Callable[[Run], R] | None = None,
     keep = keep or (lambda run: run)
     n_workers = default_workers() if workers is None else workers
     tasks = _tasks(runs, group, n_workers if _can_fork() else 1)
+    if any(len(task) > 1 for task in tasks):
+        # A heavy import, done here on purpose: a group's first step imports sympy (vmap's
+        # cross-entropy goes through torch's symbolic shapes), 0.5 s. Imported once in this
+        # process, every worker that sweep forks inherits it, instead of each worker of each
+        # train_grid call importing it again.
+        import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
     def do(task: list[int]) -> list:
         members = [runs[i] for i in task]

@@ -158,6 +158,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (1.0 - t)
 
 
+def lr_scales(model: nn.Module) -> tuple[float, ...]:
+    """Each trainable parameter's learning-rate multiplier (``lr_scale``, 1 if unmarked), in
+    order. A group steps every member with one vector of these, so runs whose scales differ
+    (μP at another width is another structure anyway; a scale set by hand is not) are never
+    grouped."""
+    return tuple(float(getattr(p, "lr_scale", 1.0)) for p in model.parameters()
+                 if p.requires_grad)
+
+
 def make_optimizer(params: Iterable[Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimiser named by ``cfg.optimizer`` with its learning rate, betas, eps and decay.
 
@@ -433,6 +442,9 @@ def group_obstacle(models: Sequence[nn.Module], cfgs: Sequence[TrainConfig],
         return why
     if len(cfgs) != len(models):
         return f"{len(models)} models but {len(cfgs)} TrainConfigs"
+    if len({lr_scales(m) for m in models}) > 1:
+        return ("the models' parameters carry different lr_scale marks, and a group steps "
+                "every member with the first member's")
     shared = ("optimizer", "betas", "eps", "momentum", "steps", "amp", "device", "sync_every")
     for name in shared:
         if len({getattr(c, name) for c in cfgs}) > 1:
