@@ -30,7 +30,8 @@ import time
 import torch
 
 import depthlab as dl
-from depthlab.sweeps import Run, run_flops, sweep, torch_threads, train_runs, usable_cores
+from depthlab.sweeps import Run, run_flops, sweep, train_runs, usable_cores
+from depthlab.timing import torch_threads
 
 SIZES = {   # name: (model config, data source factory)
     "transformer w16 × 6": (dl.TransformerConfig(d_model=16, n_heads=2, n_layers=6,

@@ -81,6 +81,26 @@ def test_compare_times_returns_every_function_and_can_include_backward():
     assert torch.equal(w.grad, torch.full((3,), 2.0 * 3))     # 3 backward passes of d(2w)/dw
 
 
+def test_compare_times_keeps_the_fastest_round_on_one_thread():
+    """Load only slows a round down, so each function's fastest round is its time; and the
+    timing runs on one torch thread, leaving the setting as it found it."""
+    import time
+
+    from depthlab.timing import compare_times
+
+    calls, threads = [], []
+
+    def slow_then_fast():
+        calls.append(1)
+        threads.append(torch.get_num_threads())
+        time.sleep(0.05 if len(calls) == 2 else 0.002)         # the first timed round is slow
+
+    before = torch.get_num_threads()
+    seconds = compare_times({"f": slow_then_fast}, repeats=1, rounds=2)
+    assert seconds["f"] < 0.02                                 # median (0.026 s) would not be
+    assert set(threads) == {1} and torch.get_num_threads() == before
+
+
 def test_running_mean_stream_follows_the_moving_average_formula():
     from depthlab.probes import running_mean_stream
 

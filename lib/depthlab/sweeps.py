@@ -25,13 +25,12 @@ the small models where PyTorch's fixed cost per operation dominates (``GROUP_BEL
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -43,6 +42,7 @@ from .config import TrainConfig
 from .devices import cuda_in_use, pick_device
 from .distributed import alone, init_distributed
 from .grouped import structure
+from .timing import torch_threads
 from .training import (
     Callback,
     DataSource,
@@ -85,17 +85,6 @@ def default_workers() -> int:
             raise ValueError(f"{WORKERS_ENV}={raw!r} must be a whole number >= 1")
         return value
     return usable_cores()
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch threads, then restore the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _can_fork() -> bool:
