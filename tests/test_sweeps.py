@@ -52,3 +52,24 @@ def test_under_torchrun_a_grid_still_groups_its_small_runs(monkeypatch):
     monkeypatch.setattr(distributed, "init_distributed", lambda: (0, 2))   # as under torchrun
     assert distributed.data_parallel_world() == (0, 2)
     assert sweeps._tasks(runs, "auto", workers=1) == alone == [[0, 1, 2, 3]]
+
+
+def test_groups_import_what_their_first_step_needs_before_the_workers_fork():
+    """A group's first step imports sympy (0.5 s, through torch's symbolic shapes); imported in
+    the parent before sweep forks, each worker of each train_grid call inherits it. Run in a
+    fresh interpreter: this one may have imported it already."""
+    import subprocess
+    import sys
+    code = (
+        "import sys, depthlab as dl\n"
+        "from depthlab import sweeps\n"
+        "seen = []\n"
+        "sweeps.sweep = lambda fn, tasks, **kw: seen.append("
+        "'torch.fx.experimental.symbolic_shapes' in sys.modules) or []\n"
+        "runs = [dl.Run(dl.DeepMLP(dl.MLPConfig(depth=2, width=8), seed=s), dl.Digits(seed=s),"
+        " dl.TrainConfig(steps=1, seed=s)) for s in (0, 1)]\n"
+        "sweeps.train_runs(runs, group='always')\n"
+        "print(seen)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[True]", out
