@@ -280,3 +280,55 @@ def test_block_diagram_draws_what_the_config_says():
     assert drawn(sas.replace(parallel=True, norm_placement="none", norm_kind="none"))[:3] == \
         (1, 0, 0)
     assert drawn(base.replace(parallel=True))[:3] == (1, 1, 1)      # GPT-J: one skip
+
+
+def _short_panels_with_a_legend_on_the_data():
+    fig, axes = plots.figure(2, height=2.8, takeaway="a takeaway line above two short panels")
+    for ax in axes[0]:
+        for i in range(3):
+            ax.plot(range(10), [i + 0.1 * v for v in range(10)], label=f"line {i}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out accuracy after 100 steps of training")   # too tall: wrapped
+        ax.legend(loc="center")                                          # on the data: moved
+    return fig
+
+
+def test_a_shown_figure_is_painted_once_and_its_png_is_unchanged(monkeypatch):
+    """Legend placement, tick thinning, label fitting and the check only lay the figure out
+    (no pixels) and skip passes that cannot move anything: savefig paints it once, and the
+    PNG is byte for byte the one a full draw before every step gave."""
+    monkeypatch.setenv("DEPTHLAB_FIGURE_CHECK", "1")
+    draws = {"painted": 0, "laid out": 0}
+    draw = Figure.draw
+
+    def counting(fig, renderer):
+        draws["laid out" if "draw_path" in vars(renderer) else "painted"] += 1
+        return draw(fig, renderer)
+
+    monkeypatch.setattr(Figure, "draw", counting)
+    png = _short_panels_with_a_legend_on_the_data()._repr_png_()
+    assert draws["painted"] == 1
+
+    def always_draw(fig):                    # what every step did before: a full draw
+        if not isinstance(fig.canvas, plots.FigureCanvasAgg):
+            plots.FigureCanvasAgg(fig)
+        fig.canvas.draw()
+        return fig.canvas.get_renderer()
+
+    monkeypatch.setattr(plots, "_renderer", always_draw)
+    assert _short_panels_with_a_legend_on_the_data()._repr_png_() == png
+
+
+def test_a_change_that_leaves_the_figure_fresh_is_laid_out_again():
+    """A label's new text does not mark a figure stale; once the layout has settled, the
+    next pass would be skipped unless the change is declared (``_changed``)."""
+    fig = _short_panels_with_a_legend_on_the_data()
+    with plots._reusing_layout(fig):
+        for _ in range(6):
+            plots._renderer(fig)
+        assert fig._depthlab_settled is not None             # nothing left to move
+        assert plots.fit_axis_labels(fig)                     # wraps both y labels
+        plots._renderer(fig)
+        seen = plots._layout_state(fig)
+    fig.canvas.draw()
+    assert np.abs(plots._layout_state(fig) - seen).max() < 0.5     # pixels
