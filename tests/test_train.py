@@ -500,3 +500,15 @@ def test_sign_test_is_the_binomial_tail_that_scipy_computes():
         for k in range(n + 1):
             want = binomtest(k, n, 0.5, alternative="greater").pvalue
             assert sign_test([True] * k + [False] * (n - k)) == pytest.approx(want, rel=1e-12)
+
+
+def test_paired_t_test_is_scipys_one_sided_paired_test():
+    """analysis.paired_t_test (chapters 5 and 6) is scipy's paired t-test, one-sided."""
+    import numpy as np
+    from scipy.stats import ttest_rel
+
+    from depthlab.analysis import paired_t_test
+    a, b = [0.71, 0.69, 0.75, 0.66, 0.70, 0.73], [0.62, 0.66, 0.64, 0.68, 0.60, 0.65]
+    d = np.subtract(a, b)
+    assert paired_t_test(d) == pytest.approx(ttest_rel(a, b, alternative="greater").pvalue)
+    assert paired_t_test(d) < 0.05 < paired_t_test(d, alternative="less")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+from scipy import stats
+
 
 def best_lr(final_loss: dict[float, float]) -> float:
     """The learning rate with the lowest final loss, between the grid's points (chapter 8).
@@ -49,6 +52,15 @@ def lr_sensitivity(final_loss: dict[float, float], init_loss: float) -> float:
         raise ValueError("lr_sensitivity needs the final loss of at least one learning rate")
     capped = [min(v, init_loss) if math.isfinite(v) else init_loss for v in final_loss.values()]
     return sum(capped) / len(capped) - min(capped)
+
+
+def paired_t_test(differences, *, alternative: str = "greater") -> float:
+    """One-sided paired t-test on seeds: p for "the per-seed differences are greater (or,
+    ``alternative="less"``, smaller) than 0 on average". For a ratio, pass its logs:
+    ``paired_t_test(np.log(post / pre), alternative="less")``. Where one seed against the
+    rest flips ``sign_test``, this weighs the margins."""
+    return float(stats.ttest_1samp(np.asarray(differences, float), 0.0,
+                                   alternative=alternative).pvalue)
 
 
 def sign_test(successes) -> float:
