@@ -29,6 +29,7 @@ all chapters; chapter numbers select some, and keep the others' entries).
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import json
@@ -190,8 +191,17 @@ def write_stated(path: Path, entry: dict) -> None:
 
 
 def main(args: list[str]) -> int:
-    names = [a for a in args if not a.startswith("--")]
-    paths = execute.chapters(names or None)
+    # argparse, so that a mistyped or unknown option (--help included) stops here instead of
+    # starting a 12-minute measurement that overwrites budget.json
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("chapters", nargs="*", metavar="NN", help="chapters to measure "
+                        "(default: all; the others keep their entries)")
+    parser.add_argument("--write", action="store_true", help="also write each measured "
+                        "chapter's time into its opening line")
+    parser.add_argument("--book", action="store_true", help="also time the book as the build "
+                        "executes it (two chapters at a time)")
+    opts = parser.parse_args(args)
+    paths = execute.chapters(opts.chapters or None)
     os.environ.setdefault("DEPTHLAB_QUIET", "1")
     ref_before, peak = reference_step_ms(), matmul_gflops()
     print(f"reference step {ref_before:.2f} ms; one core's matmul peak {peak:.1f} GFLOP/s\n")
@@ -218,14 +228,14 @@ def main(args: list[str]) -> int:
         "chapters": dict(sorted(merged.items())),
         "book_reference_steps": book_steps,
     }
-    if "--book" in args:
+    if opts.book:
         result["book_as_built_seconds"] = round(as_built(paths), 1)
     elif "book_as_built_seconds" in old:
         result["book_as_built_seconds"] = old["book_as_built_seconds"]
     print(f"book (every chapter alone, summed): {book_steps:,} reference steps of "
           f"{BOOK_BUDGET:,}")
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    if "--write" in args:
+    if opts.write:
         for path in paths:                 # markdown only: the code hash stays the same
             write_stated(path, chapters[path.stem])
     over = [n for n, e in chapters.items() if e["reference_steps"] > CHAPTER_BUDGET or e["failed"]]
