@@ -122,3 +122,23 @@ def test_char_text_predicts_the_next_character_and_is_reproducible():
     assert ex.shape == (8, 16) and torch.equal(ex[:, 1:], ey[:, :-1])
     with pytest.raises(dl.ConfigError, match="seq_len"):
         CharText(seq_len=0)
+
+
+def test_char_text_train_codes_are_what_batches_draw_from_and_exclude_the_held_out_text():
+    """train_codes (chapter 8's unigram level counts them) is the first 90 % of the text:
+    every training window lies inside it, every held-out window after it."""
+    from depthlab.data import CharText
+
+    text = CharText(seq_len=16, batch_size=64, seed=0)
+    train = text.train_codes
+    assert len(train) == int(0.9 * len(text._codes))
+    assert torch.equal(train, text._codes[: len(train)])
+
+    def inside(windows, codes):
+        s = "".join(map(chr, codes.tolist()))
+        return [("".join(map(chr, w.tolist())) in s) for w in windows]
+
+    x, y = text.batch(0)
+    assert all(inside(torch.cat([x, y[:, -1:]], 1), train))
+    ex, ey = text.eval_batch(64)
+    assert all(inside(torch.cat([ex, ey[:, -1:]], 1), text._codes[len(train):]))

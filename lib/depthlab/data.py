@@ -202,6 +202,17 @@ class CharText:
         """Characters back from symbols ("\n" for 0, "?" for the catch-all 96)."""
         return "".join("\n" if i == 0 else "?" if i == 96 else chr(int(i) + 31) for i in ids)
 
+    @property
+    def _split(self) -> int:
+        """Where the held-out last 10 % of the text begins."""
+        return int(0.9 * len(self._codes))
+
+    @property
+    def train_codes(self) -> Tensor:
+        """The training text as symbols (the first 90 %, where ``batch`` draws its windows),
+        e.g. for a baseline that counts character frequencies (chapter 8's unigram level)."""
+        return self._codes[: self._split]
+
     def _windows(self, start: int, stop: int, batch: int, g: torch.Generator):
         offsets = torch.randint(start, stop - self.seq_len - 1, (batch,), generator=g)
         idx = offsets[:, None] + torch.arange(self.seq_len + 1)            # (B, T + 1)
@@ -211,12 +222,12 @@ class CharText:
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         """The training batch of ``step``, from the first 90 % of the text."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        return self._windows(0, int(0.9 * len(self._codes)), self.batch_size, g)
+        return self._windows(0, self._split, self.batch_size, g)
 
     def eval_batch(self, size: int = 64) -> tuple[Tensor, Tensor]:
         """A held-out batch from the last 10 % of the text."""
         g = torch.Generator().manual_seed(-(self.seed + 1) & 0x7FFF_FFFF)
-        return self._windows(int(0.9 * len(self._codes)), len(self._codes), size, g)
+        return self._windows(self._split, len(self._codes), size, g)
 
 
 @dataclass(frozen=True)
